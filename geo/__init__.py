@@ -1,0 +1,1 @@
+"""Raster and vector I/O: dataset readers, the tile index, windowed prediction and GIS writers."""

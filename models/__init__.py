@@ -1,0 +1,1 @@
+"""Backbones, MAML and baselines, test-time fine-tuning and checkpoints."""

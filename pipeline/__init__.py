@@ -1,0 +1,1 @@
+"""Each pipeline step as a plain function, shared by the `landcover` CLI and the Prefect flows."""

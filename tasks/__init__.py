@@ -1,0 +1,1 @@
+"""Few-shot tasks: regions (metadata or KMeans), region splits and episode samplers."""
