@@ -1,0 +1,68 @@
+"""Session-wide sample datasets and their indexes, shared by every test module.
+
+Small but real: files in the release layouts written by the project's generator, ingested by the
+real ingest step. Generated once per session (about ten seconds in all on two cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from geo.sample_data import SceneFiles, write_deepglobe, write_eurosat, write_scene, write_sen12ms
+from pipeline.ingest import ingest
+
+pytest_plugins = ["tests.conftest_prefect"]
+
+SEN12MS = {"seed": 0, "regions": 4, "size": 32, "patches_per_region": 64}
+"""4 scene ids x 2 seasons = 8 (season, scene) regions of 64 patches of 32 px."""
+DEEPGLOBE = {"seed": 0, "regions": 3, "size": 128, "images_per_region": 4}
+"""12 images of 128 px: 192 tiles of 32 px on the default 4 x 4 grid."""
+EUROSAT = {"seed": 0, "regions": 3, "size": 64, "patches_per_class": 4}
+"""40 patches, 4 per EuroSAT class, spread over 3 UTM zones."""
+SCENE = {"seed": 0, "size": 128}
+
+
+@pytest.fixture(scope="session")
+def sen12ms_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_sen12ms(tmp_path_factory.mktemp("sen12ms"), **SEN12MS)
+
+
+@pytest.fixture(scope="session")
+def sen12ms_index(sen12ms_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ingest(
+        "sen12ms",
+        sen12ms_root,
+        tmp_path_factory.mktemp("index") / "sen12ms.parquet",
+        progress=False,
+    ).out
+
+
+@pytest.fixture(scope="session")
+def deepglobe_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_deepglobe(tmp_path_factory.mktemp("deepglobe"), **DEEPGLOBE)
+
+
+@pytest.fixture(scope="session")
+def deepglobe_index(deepglobe_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "deepglobe.parquet"
+    return ingest("deepglobe", deepglobe_root, out, progress=False).out
+
+
+@pytest.fixture(scope="session")
+def eurosat_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_eurosat(tmp_path_factory.mktemp("eurosat"), **EUROSAT)
+
+
+@pytest.fixture(scope="session")
+def eurosat_index(eurosat_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ingest(
+        "folder", eurosat_root, tmp_path_factory.mktemp("index") / "eurosat.parquet", progress=False
+    ).out
+
+
+@pytest.fixture(scope="session")
+def scene_files(tmp_path_factory: pytest.TempPathFactory) -> SceneFiles:
+    """A 128 px new region: 13-band scene with a nodata edge, labelled points, dense truth."""
+    return write_scene(tmp_path_factory.mktemp("scene"), **SCENE)

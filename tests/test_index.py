@@ -1,0 +1,273 @@
+"""The tile index: schema, footprints, metadata, order; bad files skipped, or fatal (--strict)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from PIL import Image
+from typer.testing import CliRunner
+
+from geo.classes import DEEPGLOBE, DFC10, EUROSAT_CLASSES, S2_BANDS
+from geo.errors import DataError
+from geo.index import COLUMNS, build_index, read_index, write_index
+from geo.sample_data import write_sen12ms
+from pipeline.cli import app
+from pipeline.ingest import ingest
+
+# DeepGlobe JPEGs have no georeferencing by design
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+
+runner = CliRunner()
+
+
+def test_sen12ms_index_rows_columns_and_metadata(sen12ms_root: Path, sen12ms_index: Path) -> None:
+    frame, metadata = read_index(sen12ms_index)
+    assert tuple(frame.columns) == COLUMNS
+    assert len(frame) == len(list(sen12ms_root.glob("*/s2_*/*.tif"))) == 512
+    assert list(frame["path"]) == sorted(frame["path"])
+    assert frame["path"].map(lambda p: Path(p).is_absolute()).all()
+    assert (frame["source"] == "sen12ms").all() and frame["s1_path"].notna().all()
+    assert frame.groupby("scene")["season"].nunique().eq(2).all()
+    assert metadata["source"] == "sen12ms" and metadata["skipped"] == []
+    assert metadata["scheme"]["names"] == list(DFC10.names)
+    assert metadata["bands"] == list(S2_BANDS) and metadata["pixel_footprints"] is False
+    assert metadata["feature_names"][:6] == [
+        "B1_mean",
+        "B1_std",
+        "B1_q10",
+        "B1_q50",
+        "B1_q90",
+        "B2_mean",
+    ]
+    assert b"geo" in pq.read_schema(sen12ms_index).metadata  # GeoParquet
+    row = frame.iloc[0]
+    assert len(row["features"]) == len(metadata["feature_names"]) == 65
+    assert sum(row["class_counts"]) == 32 * 32 and len(row["class_counts"]) == 10
+    assert row["majority_class"] == int(np.argmax(row["class_counts"]))
+    assert (row["row_off"], row["col_off"], row["width"], row["height"]) == (0, 0, 32, 32)
+
+
+def test_features_are_the_scaled_band_statistics(sen12ms_index: Path) -> None:
+    from geo.readers import load_tile
+
+    frame, _ = read_index(sen12ms_index)
+    row = frame.iloc[7]
+    image = load_tile(row).image
+    features = np.asarray(row["features"]).reshape(13, 5)
+    assert features[:, 0] == pytest.approx(image.mean(axis=(1, 2)), rel=1e-5)
+    assert features[:, 1] == pytest.approx(image.std(axis=(1, 2)), rel=1e-4)
+    assert features[:, 3] == pytest.approx(np.median(image.reshape(13, -1), axis=1), rel=1e-5)
+    assert (features[:, 2] <= features[:, 3]).all() and (features[:, 3] <= features[:, 4]).all()
+
+
+def test_footprints_lie_in_their_utm_zone(sen12ms_index: Path) -> None:
+    frame, _ = read_index(sen12ms_index)
+    assert frame.crs.to_epsg() == 4326
+    for crs, geometry in zip(frame["crs"], frame.geometry):
+        epsg = int(crs.removeprefix("EPSG:"))
+        zone, south = epsg % 100, epsg >= 32700
+        meridian = -183 + 6 * zone
+        west, lat_min, east, lat_max = geometry.bounds
+        assert meridian - 3.5 < west < east < meridian + 3.5
+        assert (lat_max < 0) if south else (lat_min > 0)
+        assert 0.002 < east - west < 0.01  # 320 m at mid latitudes
+
+
+def test_deepglobe_index_has_pixel_footprints(deepglobe_index: Path) -> None:
+    frame, metadata = read_index(deepglobe_index)
+    assert len(frame) == 12 * 16 and metadata["grid"] == 4
+    assert metadata["pixel_footprints"] is True and frame.crs is None and frame["crs"].isna().all()
+    assert (
+        metadata["scheme"]["names"] == list(DEEPGLOBE.names)
+        and len(metadata["feature_names"]) == 15
+    )
+    assert frame["scene"].nunique() == 12 and frame["season"].isna().all()
+    tile = frame.iloc[6]  # third row of the grid's second row: window at x=64, y=32
+    assert (tile["col_off"], tile["row_off"]) == (64, 32)
+    assert tile.geometry.bounds == (64, 32, 96, 64)
+
+
+def test_eurosat_index(eurosat_index: Path) -> None:
+    frame, metadata = read_index(eurosat_index)
+    assert len(frame) == 40 and metadata["scheme"]["names"] == sorted(EUROSAT_CLASSES)
+    assert frame["label_path"].isna().all()
+    names = frame["path"].map(lambda p: Path(p).parent.name)
+    assert list(names.map(metadata["scheme"]["names"].index)) == list(frame["majority_class"])
+    assert frame["class_counts"].map(lambda c: sorted(c)[-1] == 64 * 64).all()
+    assert frame["crs"].nunique() == 3
+
+
+def test_worker_count_does_not_change_the_index(deepglobe_root: Path) -> None:
+    one = build_index("deepglobe", deepglobe_root, workers=1, progress=False).frame
+    two = build_index("deepglobe", deepglobe_root, workers=2, progress=False, grid=4).frame
+    assert one.drop(columns="geometry").to_json() == two.drop(columns="geometry").to_json()
+    assert one.geometry.equals(two.geometry)
+
+
+def test_write_index_keeps_extra_columns_and_metadata(eurosat_index: Path, tmp_path: Path) -> None:
+    frame, metadata = read_index(eurosat_index)
+    frame["region"] = frame["crs"]
+    metadata["regions"] = {"method": "metadata"}
+    out = write_index(frame, tmp_path / "with-regions.parquet", metadata)
+    again, again_metadata = read_index(out)
+    assert list(again["region"]) == list(frame["crs"]) and again_metadata["regions"] == {
+        "method": "metadata"
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["with-regions.parquet"]  # no temporary left
+
+
+def test_read_index_rejects_other_files(tmp_path: Path, sen12ms_root: Path) -> None:
+    with pytest.raises(DataError, match="no such index"):
+        read_index(tmp_path / "absent.parquet")
+    not_parquet = next(sen12ms_root.rglob("*.tif"))
+    with pytest.raises(DataError, match="not a GeoParquet") as error:
+        read_index(not_parquet)
+    assert error.value.path == str(not_parquet)
+
+
+# --- bad files: skipped and listed by default, fatal under --strict ------------------------------
+
+
+@pytest.fixture
+def damaged_sen12ms(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """8 patches; one truncated, one with 12 bands, one without its lc file."""
+    root = write_sen12ms(tmp_path / "data", seed=2, regions=1, size=16, patches_per_region=4)
+    s2 = sorted(root.glob("*/s2_*/*.tif"))
+    s2[0].write_bytes(s2[0].read_bytes()[:3000])
+    with rasterio.open(s2[2]) as src:
+        profile, pixels = src.profile, src.read()
+    with rasterio.open(s2[2], "w", **{**profile, "count": 12}) as dst:
+        dst.write(pixels[:12])
+    Path(str(s2[3]).replace("/s2_", "/lc_").replace("_s2_", "_lc_")).unlink()
+    return root, [s2[0], s2[2], s2[3]]
+
+
+def test_bad_files_are_skipped_and_listed(
+    damaged_sen12ms: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, bad = damaged_sen12ms
+    summary = ingest("sen12ms", root, tmp_path / "index.parquet", progress=False)
+    assert summary.rows == 8 - 3 and summary.tiles_per_second > 0
+    assert [entry.path for entry in summary.skipped] == [str(p) for p in bad]
+    frame, metadata = read_index(tmp_path / "index.parquet")
+    assert len(frame) == 5 and not set(frame["path"]) & {str(p) for p in bad}
+    assert [entry["path"] for entry in metadata["skipped"]] == [
+        entry.path for entry in summary.skipped
+    ]
+    assert "12 bands" in metadata["skipped"][1]["reason"]
+
+
+def test_cli_ingest_lists_skipped_files(
+    damaged_sen12ms: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, bad = damaged_sen12ms
+    out = tmp_path / "index.parquet"
+    result = runner.invoke(
+        app, ["ingest", str(root), "--source", "sen12ms", "--out", str(out), "--workers", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "5 tiles" in result.stdout and "3 files skipped" in result.stdout
+    assert f"skipped {bad[0]}: cannot be" in result.stderr
+
+
+def test_cli_strict_exits_non_zero_and_writes_nothing(
+    damaged_sen12ms: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    root, bad = damaged_sen12ms
+    out = tmp_path / "out" / "index.parquet"
+    result = runner.invoke(
+        app, ["ingest", str(root), "--source", "sen12ms", "--out", str(out), "--strict"]
+    )
+    assert result.exit_code == 1
+    assert (
+        result.stderr.startswith(f"error: {bad[0]}: ") and "(and 2 more bad files)" in result.stderr
+    )
+    assert "Traceback" not in result.output
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_cli_strict_with_a_foreign_mask_colour(deepglobe_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "dg"
+    shutil.copytree(deepglobe_root, root)
+    mask_path = sorted(root.glob("*_mask.png"))[3]
+    mask = np.asarray(Image.open(mask_path)).copy()
+    mask[100:110, 100:110] = (255, 0, 0)
+    Image.fromarray(mask).save(mask_path)
+    out = tmp_path / "index.parquet"
+    strict = runner.invoke(
+        app, ["ingest", str(root), "--source", "deepglobe", "--out", str(out), "--strict"]
+    )
+    assert strict.exit_code == 1 and str(mask_path) in strict.stderr and not out.exists()
+    lenient = runner.invoke(app, ["ingest", str(root), "--source", "deepglobe", "--out", str(out)])
+    assert lenient.exit_code == 0 and "1 files skipped" in lenient.stdout
+    frame, _ = read_index(out)
+    assert len(frame) == 11 * 16  # the whole image is left out, not just its bad tile
+
+
+def test_patch_with_other_bands_is_skipped_and_all_bad_is_fatal(
+    tmp_path: Path, eurosat_root: Path
+) -> None:
+    root = tmp_path / "folders"
+    shutil.copytree(eurosat_root, root)
+    odd = root / "Forest" / "Forest_2.tif"
+    with rasterio.open(odd) as src:
+        profile, pixels = src.profile, src.read()
+    with rasterio.open(odd, "w", **{**profile, "count": 3}) as dst:
+        dst.write(pixels[:3])
+    result = build_index("folder", root, progress=False)
+    assert [(s.path, s.reason) for s in result.skipped] == [
+        (str(odd), "has 3 bands; the other images have 13")
+    ]
+    assert len(result.frame) == 39 and result.metadata["bands"] == list(S2_BANDS)
+    for patch in root.glob("*/*.tif"):
+        patch.write_bytes(b"broken")
+    with pytest.raises(DataError, match="no readable tiles in 40 files; first problem") as error:
+        build_index("folder", root, progress=False)
+    assert error.value.path == str(root)
+
+
+def test_cli_empty_folder_and_bad_source(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "index.parquet"
+    result = runner.invoke(
+        app, ["ingest", str(tmp_path / "empty"), "--source", "folder", "--out", str(out)]
+    )
+    assert result.exit_code == 1 and str(tmp_path / "empty") in result.stderr and not out.exists()
+    result = runner.invoke(app, ["ingest", str(tmp_path), "--source", "landsat", "--out", str(out)])
+    assert result.exit_code == 2 and "sen12ms, deepglobe, folder" in result.output
+
+
+def test_cli_sample_data_then_ingest(tmp_path: Path) -> None:
+    data, out = tmp_path / "eurosat", tmp_path / "index.parquet"
+    made = runner.invoke(
+        app,
+        [
+            "sample-data",
+            str(data),
+            "--kind",
+            "eurosat",
+            "--seed",
+            "1",
+            "--regions",
+            "2",
+            "--size",
+            "32",
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    assert len(list(data.glob("*/*.tif"))) == 10 * 8
+    indexed = runner.invoke(app, ["ingest", str(data), "--source", "folder", "--out", str(out)])
+    assert indexed.exit_code == 0, indexed.output
+    frame, _ = read_index(out)
+    assert len(frame) == 80 and frame["crs"].nunique() == 2
+    for command in ("sample-data", "ingest"):
+        assert runner.invoke(app, [command, "--help"]).exit_code == 0
+    wrong = runner.invoke(
+        app, ["sample-data", str(tmp_path / "x"), "--kind", "scene", "--regions", "2"]
+    )
+    assert wrong.exit_code == 2 and "regions" in wrong.output
