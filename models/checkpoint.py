@@ -1,0 +1,181 @@
+"""A run directory: what a trained model is, and how its training resumes after a kill.
+
+    weights.pt      {"model": state dict, "inner_lrs": {parameter name: rate} or {}}
+    config.json     RunConfig: method, task, architecture, classes, bands, normalisation,
+                    inner loop, fine-tuning budget picked on validation, seed, iterations done
+    train_state.pt  module and optimiser state, iteration, RNG states (torch, CUDA, numpy, python)
+
+Every file is written to a temporary file in the same folder and renamed into place, so a kill
+leaves the previous complete file, never a torn one. All .pt files load with
+`torch.load(weights_only=True)`: they hold tensors, numbers, strings and containers only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.backbones import ArchConfig, build_model
+
+WEIGHTS, CONFIG, TRAIN_STATE = "weights.pt", "config.json", "train_state.pt"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a trained model is and how to use it; config.json of a run directory.
+
+    `finetune_lr` None with `inner_lrs` in weights.pt: fine-tune at the learned inner rates.
+    `normalisation` says how raw pixels were scaled (e.g. {"clip": [0, 10000], "divide": 10000}).
+    """
+
+    method: str
+    task: str
+    arch: ArchConfig
+    class_names: tuple[str, ...]
+    class_colors: tuple[tuple[int, int, int], ...]
+    bands: tuple[str, ...]
+    normalisation: dict[str, Any]
+    seed: int
+    iterations: int = 0
+    inner_steps: int | None = None
+    inner_lr: float | None = None
+    learn_inner_lr: bool = False
+    first_order: bool = False
+    finetune_steps: int | None = None
+    finetune_lr: float | None = None
+    validation_accuracy: float | None = None
+    """Mean validation accuracy of these weights (early stopping keeps the best)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The training settings as given, for the record."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "arch": self.arch.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        values = dict(values)
+        return cls(**{
+            **values,
+            "arch": ArchConfig.from_dict(values["arch"]),
+            "class_names": tuple(values["class_names"]),
+            "class_colors": tuple(tuple(color) for color in values["class_colors"]),
+            "bands": tuple(values["bands"]),
+        })
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    model: nn.Module
+    config: RunConfig
+    inner_lrs: dict[str, float]
+    """Learned per-tensor inner rates; empty for methods without them."""
+
+
+def save_run(
+    run_dir: Path, model: nn.Module, config: RunConfig,
+    inner_lrs: Mapping[str, Tensor | float] | None = None,
+) -> None:
+    """Write weights.pt, then config.json (so a config never describes weights not yet written)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rates = {
+        name: torch.as_tensor(rate).detach().to("cpu", torch.float64).reshape(())
+        for name, rate in (inner_lrs or {}).items()
+    }
+    weights = {"model": _cpu(model.state_dict()), "inner_lrs": rates}
+    _atomic_write(run_dir / WEIGHTS, lambda f: torch.save(weights, f))
+    text = json.dumps(config.to_dict(), indent=2)
+    _atomic_write(run_dir / CONFIG, lambda f: f.write(text.encode()))
+
+
+def load_config(run_dir: Path) -> RunConfig:
+    return RunConfig.from_dict(json.loads((Path(run_dir) / CONFIG).read_text()))
+
+
+def load_run(run_dir: Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """The model of a run directory, in eval mode on `device`, with its config and inner rates."""
+    config = load_config(run_dir)
+    weights = torch.load(Path(run_dir) / WEIGHTS, map_location="cpu", weights_only=True)
+    model = build_model(config.arch)
+    model.load_state_dict(weights["model"])
+    rates = {name: float(rate) for name, rate in weights["inner_lrs"].items()}
+    return LoadedRun(model.to(device).eval(), config, rates)
+
+
+def save_train_state(
+    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, iteration: int
+) -> None:
+    """Everything needed to continue training after `iteration` steps as if never stopped.
+
+    `module` is what is trained: the MetaLearner (model + inner log-rates) or the model itself.
+    """
+    state = {
+        "module": _cpu(module.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "rng": _rng_state(),
+    }
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(run_dir) / TRAIN_STATE, lambda f: torch.save(state, f))
+
+
+def load_train_state(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore module, optimiser and RNG states; the iteration to continue from (0: fresh start)."""
+    path = Path(run_dir) / TRAIN_STATE
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["module"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return int(state["iteration"])
+
+
+def _cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {name: tensor.detach().cpu() for name, tensor in state.items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain tuples (numpy's key array as a tensor: weights_only)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """`write` into a temporary file beside `path`, flushed to disk, then renamed onto it.
+
+    (The same discipline as `geo.atomic.atomic_output`; models may not import geo.)
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

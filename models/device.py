@@ -1,0 +1,44 @@
+"""Device choice, bf16 autocast and array-to-tensor conversion, shared by training and inference.
+
+CPU and CUDA run the same code path: autocast is entered everywhere and only enabled on CUDA,
+where bf16 halves activation memory (second-order MAML keeps every inner step's graph).
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import numpy as np
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" -> CUDA when present, else CPU; an explicit CUDA request without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA GPU here (use 'cpu' or 'auto')")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected 'auto', 'cpu' or 'cuda[:N]'")
+    return device
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA, a no-op on CPU (CPU bf16 is slower and would change the maths)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters: inputs follow the model, never the other way round."""
+    return next(model.parameters()).device
+
+
+def as_images(model: torch.nn.Module, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Images (numpy or tensor) on the model's device and in its float dtype."""
+    parameter = next(model.parameters())
+    return torch.as_tensor(images).to(device=parameter.device, dtype=parameter.dtype)
+
+
+def as_labels(labels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Labels or class ids as int64 on `device`, as cross-entropy and index_select want."""
+    return torch.as_tensor(labels).to(device=device, dtype=torch.long)

@@ -1,0 +1,86 @@
+"""Test-time fine-tuning and prediction: the one adaptation used by every method, in evaluation
+and when adapting to a new region.
+
+The optimiser is plain full-batch SGD on the support loss, i.e. exactly MAML's inner loop
+(`models.maml.inner_step`), for every method. A MAML model is fine-tuned the way it was
+meta-trained, so its meta-trained step count and learned per-tensor rates carry over unchanged;
+pretrain and random-init models get the same optimiser with a scalar rate, and each method's
+(steps, rate) budget is picked on validation regions. Adam was the alternative for the
+baselines, but its per-coordinate normalisation would make "steps and rate" mean something
+different for each method.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.backbones import IGNORE_INDEX, episode_logits
+from models.device import as_images, as_labels, autocast, model_device
+from models.maml import Rates, inner_step, per_tensor_rates
+
+
+def finetune(
+    model: nn.Module,
+    support_x: np.ndarray | Tensor,
+    support_y: np.ndarray | Tensor,
+    classes: np.ndarray | Tensor,
+    *,
+    steps: int,
+    lr: float | Rates,
+    seed: int = 0,
+) -> nn.Module:
+    """A copy of `model` after `steps` SGD steps on the support set (labels 0..N-1 of `classes`).
+
+    `lr` is one rate, or one per parameter tensor (a MAML run's learned rates). 0 steps, or a
+    support set without a labelled item, give an unchanged copy. The seed is applied in a forked
+    RNG, so the result depends on (model, support, budget, seed) only. Gradients are switched
+    on inside, so callers may hold `torch.no_grad()`.
+    """
+    tuned = copy.deepcopy(model).train()
+    device = model_device(tuned)
+    labels = as_labels(support_y, device)
+    if steps == 0 or not bool((labels != IGNORE_INDEX).any()):
+        return tuned.eval()
+    images, class_ids = as_images(tuned, support_x), as_labels(classes, device)
+    params = {name: p.detach().requires_grad_() for name, p in tuned.named_parameters()}
+    lrs = per_tensor_rates(params, lr)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            with autocast(device):
+                params = inner_step(
+                    tuned, params, images, labels, class_ids, lrs, create_graph=False
+                )
+            params = {name: p.detach().requires_grad_() for name, p in params.items()}
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            p.copy_(params[name])
+    return tuned.eval()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: np.ndarray | Tensor,
+    classes: np.ndarray | Tensor | None = None,
+    *,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Softmax scores over an episode's classes (all classes with None), float32 numpy.
+
+    (B, N) for classification, (B, N, H, W) for segmentation; argmax over axis 1 gives the
+    episode labels 0..N-1. Scores, not labels, so overlapping windows can be averaged.
+    """
+    model.eval()
+    device = model_device(model)
+    class_ids = None if classes is None else as_labels(classes, device)
+    scores = []
+    for start in range(0, len(images), batch_size):
+        with autocast(device):
+            logits = model(as_images(model, images[start:start + batch_size]))
+        scores.append(episode_logits(logits, class_ids).float().softmax(dim=1).cpu().numpy())
+    return np.concatenate(scores)
