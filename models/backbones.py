@@ -54,7 +54,14 @@ class ArchConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     width: int = 64
     depth: int = 4
-    norm_groups: int = 8
+    norm_groups: int = 1
+    """GroupNorm groups (at most). One group normalises over all channels and pixels: a
+    homogeneous patch keeps the relative levels of its channels, i.e. its spectral signature,
+    which per-group normalisation of a constant map would erase."""
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+    """Per-band statistics of the training data: inputs are standardised inside the model, so
+    the statistics travel with the weights into fine-tuning and prediction."""
 
     def __post_init__(self) -> None:
         if _TASK_OF.get(self.name) != self.task:
@@ -72,6 +79,9 @@ class ArchConfig:
         """The inverse of `to_dict`, also after a JSON round trip (lists back to tuples)."""
         values = dict(values)
         values["decoder_channels"] = tuple(values.get("decoder_channels", cls.decoder_channels))
+        for key in ("input_mean", "input_std"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
         return cls(**values)
 
 
@@ -104,8 +114,24 @@ def build_model(config: ArchConfig, seed: int | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        model = _build(config)
-    return replace_batchnorm(model, config.norm_groups)
+        model = replace_batchnorm(_build(config), config.norm_groups)
+    if config.input_mean is None or config.input_std is None:
+        return model
+    return Standardized(model, config.input_mean, config.input_std)
+
+
+class Standardized(nn.Module):
+    """(x - mean) / std per band, then the network: reflectance differences between classes
+    are a few hundredths, far below what a freshly initialised conv layer resolves well."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).clamp(min=1e-6).view(-1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net((images - self.mean) / self.std)
 
 
 def _build(config: ArchConfig) -> nn.Module:

@@ -1,0 +1,153 @@
+"""The `evaluate` step: every method on the same held-out episodes, the same shot counts and its
+own fine-tuning budget picked on validation regions; a report with a table and a plot.
+
+Random init needs no run directory and is always in the report: it is the model of the first
+run's architecture with fresh weights, its budget picked on validation like the others'.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from torch import nn
+from tqdm.auto import tqdm
+
+from geo.errors import DataError
+from models.backbones import build_model
+from models.checkpoint import LoadedRun, load_run
+from models.device import pick_device
+from models.metrics import mean_ci
+from pipeline.protocol import Budget, EpisodeShape, load_split_index, pick_budget, score_episode
+from pipeline.report import METRICS, ReportFiles, write_report
+from tasks.episodes import fewer_shots
+
+RANDOM_INIT = "random init"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    shots: tuple[int, ...] = (0, 1, 2, 5, 10)
+    episodes: int = 50
+    validation_episodes: int = 8
+    seed: int = 0
+    device: str = "auto"
+    n_way: int = 4
+    q_queries: int = 10
+    query_tiles: int = 2
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    files: ReportFiles
+    results: pd.DataFrame
+    budgets: dict[str, Budget]
+
+
+@dataclass(frozen=True)
+class _Method:
+    name: str
+    model: nn.Module
+    steps: int
+    lr: float | dict[str, float]
+
+
+def evaluate(
+    index_path: Path,
+    run_dirs: Sequence[Path],
+    out_dir: Path,
+    config: EvaluateConfig = EvaluateConfig(),
+    *,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Score each run and random init on the test split; write results.csv, report.md, the plot."""
+    if not run_dirs:
+        raise DataError(index_path, "evaluate needs at least one run directory (--runs)")
+    device = pick_device(config.device)
+    runs = [_load(Path(run_dir), device) for run_dir in run_dirs]
+    task = runs[0].config.task
+    for run_dir, run in zip(run_dirs, runs):
+        if run.config.task != task or run.config.class_names != runs[0].config.class_names:
+            raise DataError(run_dir, f"is a {run.config.task} run over other classes than {run_dirs[0]}")
+    data = load_split_index(index_path)
+    if tuple(runs[0].config.class_names) != data.class_names:
+        raise DataError(run_dirs[0], f"was trained on other classes than the index {index_path}")
+    shape = EpisodeShape(
+        n_way=config.n_way, k_shot=max(config.shots), q_queries=config.q_queries,
+        query_tiles=config.query_tiles,
+    )
+    budget_shape = EpisodeShape(config.n_way, 5, config.q_queries, config.query_tiles)
+    validation = data.episodes("val", task, budget_shape, config.validation_episodes, config.seed + 1)
+    test = data.episodes("test", task, shape, config.episodes, seed=config.seed)
+
+    random_model = build_model(runs[0].config.arch, seed=config.seed).to(device)
+    random_budget = pick_budget(random_model, validation)
+    methods = [_method(_names(run_dirs, runs)[i], run) for i, run in enumerate(runs)]
+    methods.append(_Method(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))  # type: ignore[arg-type]
+    budgets = {m.name: Budget(m.steps, None if isinstance(m.lr, dict) else m.lr, float("nan")) for m in methods}
+    budgets[RANDOM_INIT] = random_budget
+
+    rows = []
+    bar = tqdm(total=len(methods) * len(config.shots) * len(test), desc="evaluate", disable=not progress)
+    for method in methods:
+        for shots in config.shots:
+            per_episode = []
+            for number, episode in enumerate(test):
+                cut = fewer_shots(episode, shots, seed=number)
+                per_episode.append(score_episode(method.model, cut, steps=method.steps, lr=method.lr, seed=number))
+                bar.update(1)
+            rows.append(_summarise(method.name, shots, per_episode, segmentation=task == "segmentation"))
+    bar.close()
+    results = pd.DataFrame(rows)
+    notes = _notes(methods, task, config, len(test))
+    files = write_report(results, Path(out_dir), title=f"Few-shot {task} on {Path(index_path).name}", notes=notes)
+    return EvaluationReport(files=files, results=results, budgets=budgets)
+
+
+def _load(run_dir: Path, device) -> LoadedRun:
+    if not (run_dir / "config.json").exists() or not (run_dir / "weights.pt").exists():
+        raise DataError(run_dir, "is not a run directory (no config.json and weights.pt): train first")
+    return load_run(run_dir, device)
+
+
+def _names(run_dirs: Sequence[Path], runs: Sequence[LoadedRun]) -> list[str]:
+    """Method names for the report; the run folder's name is added when a method repeats."""
+    methods = [run.config.method for run in runs]
+    return [
+        method if methods.count(method) == 1 else f"{method} ({Path(run_dir).name})"
+        for method, run_dir in zip(methods, run_dirs)
+    ]
+
+
+def _method(name: str, run: LoadedRun) -> _Method:
+    """A run with the fine-tuning budget picked on validation when it was trained."""
+    config = run.config
+    if config.finetune_steps is None:
+        raise DataError(name, "run has no fine-tuning budget: its training did not finish")
+    lr = run.inner_lrs if config.finetune_lr is None else config.finetune_lr
+    return _Method(name, run.model, config.finetune_steps, lr)
+
+
+def _summarise(method: str, shots: int, per_episode: list[dict[str, float]], *, segmentation: bool) -> dict:
+    row: dict = {"method": method, "shots": shots, "episodes": len(per_episode)}
+    for metric in METRICS:
+        key = "macro_f1" if metric == "f1" else metric
+        if metric == "miou" and not segmentation:
+            row[metric] = row[f"{metric}_low"] = row[f"{metric}_high"] = float("nan")
+            continue
+        mean, low, high = mean_ci([scores[key] for scores in per_episode])
+        row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean, low, high
+    return row
+
+
+def _notes(methods: Sequence[_Method], task: str, config: EvaluateConfig, episodes: int) -> str:
+    budgets = ", ".join(
+        f"{m.name}: {m.steps} steps at {'learned rates' if isinstance(m.lr, dict) else m.lr}"
+        for m in methods
+    )
+    unit = "labelled pixels per class" if task == "segmentation" else "labelled tiles per class"
+    return (
+        f"{episodes} test episodes (seed {config.seed}), shots = {unit}; every method is scored on "
+        f"the same episodes. Fine-tuning budgets, picked on validation regions: {budgets}."
+    )

@@ -1,0 +1,202 @@
+"""The evaluation protocol, identical for every method: which episodes, how a model is scored on
+one, and how its test-time fine-tuning budget is picked (on validation regions, never on test).
+
+Training uses the same pieces for early stopping, so "better on validation" means the same thing
+when training and when choosing the budget.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from geo.errors import DataError
+from geo.index import read_index
+from models.finetune import finetune, predict
+from models.metrics import episode_scores
+from tasks.episodes import (
+    ClassificationSampler,
+    DenseSegmentationSampler,
+    Episode,
+    Sampler,
+    SegmentationSampler,
+    TileCache,
+    fewer_shots,
+    sample_episodes,
+)
+
+Task = Literal["classification", "segmentation"]
+Rate = float | Mapping[str, float]
+
+FINETUNE_STEPS = (3, 10, 25)
+FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3)
+"""The grid of fine-tuning budgets tried on validation regions for every method."""
+
+
+@dataclass(frozen=True)
+class EpisodeShape:
+    """What an episode holds; segmentation shots are labelled pixels per class."""
+
+    n_way: int = 4
+    k_shot: int = 5
+    q_queries: int = 10
+    query_tiles: int = 2
+
+
+@dataclass
+class SplitIndex:
+    """An index with regions and splits, and the class scheme and bands from its metadata."""
+
+    path: Path
+    frame: pd.DataFrame
+    metadata: dict
+    tiles: TileCache
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.metadata["scheme"]["names"])
+
+    @property
+    def class_colors(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(tuple(color) for color in self.metadata["scheme"]["colors"])
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return tuple(self.metadata["bands"])
+
+    @property
+    def source(self) -> str:
+        return str(self.metadata["source"])
+
+    def band_statistics(self, split: str = "train") -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-band mean and standard deviation of a split's pixels, from the index's per-tile
+        statistics (law of total variance), so no pixel is read again."""
+        names = list(self.metadata["feature_names"])
+        features = np.stack([np.asarray(f, dtype=np.float64) for f in self.split(split)["features"]])
+        means = features[:, [names.index(f"{band}_mean") for band in self.bands]]
+        stds = features[:, [names.index(f"{band}_std") for band in self.bands]]
+        variance = (stds**2).mean(axis=0) + means.var(axis=0)
+        return tuple(means.mean(axis=0).tolist()), tuple(np.sqrt(variance).tolist())
+
+    def split(self, name: str) -> pd.DataFrame:
+        """The rows of one split, keeping their positions in the whole index (for the cache)."""
+        return self.frame[self.frame["split"] == name]
+
+    def sampler(self, split: str, task: Task, shape: EpisodeShape) -> Sampler:
+        """The episode sampler of `task` over one split's regions."""
+        rows = self.split(split)
+        if task == "classification":
+            return ClassificationSampler(
+                rows, self.tiles, n_way=shape.n_way, k_shot=shape.k_shot,
+                q_queries=shape.q_queries, class_names=self.class_names,
+            )
+        if self.source == "deepglobe":
+            return DenseSegmentationSampler(
+                rows, self.tiles, k_shot=shape.k_shot, query_tiles=shape.query_tiles,
+                class_names=self.class_names,
+            )
+        return SegmentationSampler(
+            rows, self.tiles, n_way=shape.n_way, k_shot=shape.k_shot,
+            query_tiles=shape.query_tiles, class_names=self.class_names,
+        )
+
+    def episodes(
+        self, split: str, task: Task, shape: EpisodeShape, count: int, seed: int
+    ) -> list[Episode]:
+        """`count` seeded episodes of one split (the same list for every method)."""
+        sampler = self.sampler(split, task, shape)
+        regions = sorted(self.split(split)["region"].unique())
+        try:
+            return list(sample_episodes(sampler, regions, count, seed=seed))
+        except ValueError as error:
+            raise DataError(self.path, f"{split} split: {error}") from None
+
+
+def load_split_index(path: Path) -> SplitIndex:
+    """Read an index that `landcover regions` has given regions and splits."""
+    frame, metadata = read_index(path)
+    if "split" not in frame.columns or "region" not in frame.columns:
+        raise DataError(path, "the index has no regions/splits yet: run `landcover regions` first")
+    frame = frame.reset_index(drop=True)
+    return SplitIndex(path=Path(path), frame=frame, metadata=metadata, tiles=TileCache(frame))
+
+
+def score_episode(
+    model: nn.Module, episode: Episode, *, steps: int, lr: Rate, seed: int = 0
+) -> dict[str, float]:
+    """Fine-tune on the support set, predict the query set, score it."""
+    return score_queries(_tune(model, episode, steps, lr, seed), episode)
+
+
+def _tune(model: nn.Module, episode: Episode, steps: int, lr: Rate, seed: int) -> nn.Module:
+    return finetune(
+        model, episode.support_images, episode.support_labels, episode.classes,
+        steps=steps, lr=lr, seed=seed,
+    )
+
+
+def score_queries(model: nn.Module, episode: Episode) -> dict[str, float]:
+    """Scores of an (already fine-tuned) model on an episode's query set."""
+    predicted = predict(model, episode.query_images, episode.classes).argmax(axis=1)
+    return episode_scores(
+        episode.query_labels, predicted, len(episode.classes),
+        segmentation=episode.query_labels.ndim > 1,
+    )
+
+
+def mean_accuracy(
+    model: nn.Module, episodes: Sequence[Episode], *, steps: int, lr: Rate
+) -> float:
+    """Mean query accuracy over episodes after fine-tuning: the validation score."""
+    return float(np.mean([
+        score_episode(model, episode, steps=steps, lr=lr, seed=number)["accuracy"]
+        for number, episode in enumerate(episodes)
+    ]))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A test-time fine-tuning budget; `lr` None means the run's learned per-tensor rates."""
+
+    steps: int
+    lr: float | None
+    validation_accuracy: float
+
+
+def pick_budget(
+    model: nn.Module,
+    episodes: Sequence[Episode],
+    *,
+    learned_rates: Mapping[str, float] | None = None,
+    shots: Sequence[int] = (1, 5),
+) -> Budget:
+    """The (steps, rate) of best mean validation accuracy over `shots`, from the shared grid.
+
+    A model with learned inner rates (MAML) also tries its own rates at each step count.
+    """
+    rates: list[float | None] = list(FINETUNE_LRS) + ([None] if learned_rates else [])
+    cut = [
+        (number, fewer_shots(episode, k, seed=number))
+        for k in shots for number, episode in enumerate(episodes)
+    ]
+    best: Budget | None = None
+    for lr in rates:
+        rate = learned_rates if lr is None else lr
+        totals = np.zeros(len(FINETUNE_STEPS))
+        for number, episode in cut:
+            # full-batch SGD has no state, so the step counts of the grid are one run's checkpoints
+            tuned, done = model, 0
+            for position, steps in enumerate(FINETUNE_STEPS):
+                tuned, done = _tune(tuned, episode, steps - done, rate, number), steps
+                totals[position] += score_queries(tuned, episode)["accuracy"]
+        for position, steps in enumerate(FINETUNE_STEPS):
+            accuracy = float(totals[position] / len(cut))
+            if best is None or accuracy > best.validation_accuracy + 1e-9:
+                best = Budget(steps=steps, lr=lr, validation_accuracy=accuracy)
+    assert best is not None
+    return best
