@@ -1,0 +1,268 @@
+"""Sliding-window prediction: seamless stitching, the input's grid, nodata, atomicity, bounded memory."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+from rio_cogeo.cogeo import cog_validate
+
+from benchmarks.predict_memory import measure_in_subprocess, whole_scene_bytes, write_large_scene
+from geo.classes import ClassScheme, default_palette
+from geo.errors import DataError
+from geo.sample_data import write_geotiff
+from geo.windows import blend_weights, predict_scene, softmax, window_starts
+
+SCHEME = ClassScheme("three", ("Forest", "Water", "Urban"), default_palette(3))
+CRS_UTM = CRS.from_epsg(32631)
+TRANSFORM = from_origin(600_000, 5_000_000, 10, 10)
+LOGIT_WEIGHTS = np.array([[6.0, -6.0], [-6.0, 6.0], [0.0, 0.0]], dtype=np.float32)
+LOGIT_BIAS = np.array([0.0, 0.0, 1.0], dtype=np.float32)[None, :, None, None]
+
+
+def per_pixel_logits(batch: np.ndarray) -> np.ndarray:
+    """A model that looks at each pixel alone, so the true answer does not depend on the windows."""
+    return np.einsum("kc,bchw->bkhw", LOGIT_WEIGHTS, batch) + LOGIT_BIAS
+
+
+def smooth_scene(path: Path, height: int, width: int, *, crs: CRS | None = CRS_UTM) -> np.ndarray:
+    """Two smooth uint16 bands, a nodata (0) corner and one pixel nodata in one band only."""
+    rows, cols = np.mgrid[:height, :width]
+    image = np.stack(
+        [5000 + 4000 * np.sin(rows / 37 + cols / 53), 5000 + 4000 * np.cos(cols / 29 - rows / 61)]
+    )
+    image = image.astype(np.uint16)
+    image[:, :20, :30] = 0
+    image[0, height - 1, width - 1] = 0
+    write_geotiff(
+        path,
+        image,
+        crs,
+        TRANSFORM if crs else rasterio.Affine.identity(),
+        nodata=0,
+        tiled=True,
+        blockxsize=128,
+        blockysize=128,
+    )
+    return image
+
+
+def expected_probabilities(image: np.ndarray) -> np.ndarray:
+    scaled = np.clip(image, 0, 10000).astype(np.float32) / 10000
+    return softmax(per_pixel_logits(scaled[None]))[0]
+
+
+def test_windows_cover_each_axis_with_the_last_one_flush():
+    for size, window, overlap in [
+        (1000, 256, 64),
+        (256, 256, 64),
+        (100, 256, 64),
+        (449, 64, 0),
+        (448, 64, 16),
+    ]:
+        starts = window_starts(size, window, overlap)
+        assert starts[0] == 0 and starts[-1] == max(0, size - window)
+        assert all(0 < b - a <= window - overlap for a, b in zip(starts, starts[1:]))
+
+
+def test_blend_weights_of_neighbours_sum_to_one():
+    window, overlap = 64, 16
+    weights = blend_weights(window, overlap)
+    assert weights.min() > 0
+    stride = window - overlap
+    tiled = np.zeros((3 * stride + overlap, 3 * stride + overlap), np.float32)
+    for top in range(0, 3 * stride, stride):
+        for left in range(0, 3 * stride, stride):
+            tiled[top : top + window, left : left + window] += weights
+    inner = tiled[overlap:-overlap, overlap:-overlap]
+    np.testing.assert_allclose(inner, 1.0, atol=1e-6)
+
+
+def test_prediction_reproduces_a_per_pixel_model_on_the_input_grid(tmp_path: Path):
+    image = smooth_scene(tmp_path / "scene.tif", 333, 517)
+    result = predict_scene(
+        tmp_path / "scene.tif",
+        per_pixel_logits,
+        tmp_path / "out" / "map.tif",
+        scheme=SCHEME,
+        window=96,
+        overlap=24,
+        batch_size=3,
+        probabilities_path=tmp_path / "out" / "prob.tif",
+    )
+    expected = expected_probabilities(image)
+    nodata = (image == 0).all(axis=0)
+    with (
+        rasterio.open(tmp_path / "scene.tif") as src,
+        rasterio.open(result.classes) as classes,
+        rasterio.open(result.probabilities) as probabilities,
+    ):
+        for out in (classes, probabilities):
+            assert (out.crs, out.transform, out.width, out.height) == (
+                src.crs,
+                src.transform,
+                src.width,
+                src.height,
+            )
+        class_map = classes.read(1)
+        stored = probabilities.read()
+        assert probabilities.descriptions == SCHEME.names
+        assert probabilities.dtypes[0] == "float32"
+    assert result.georeferenced and result.valid_pixels == int((~nodata).sum())
+    assert (class_map[nodata] == 255).all()
+    assert class_map[-1, -1] != 255  # only one band is nodata there: still data
+    np.testing.assert_array_equal(class_map[~nodata], expected.argmax(axis=0)[~nodata])
+    np.testing.assert_allclose(stored[:, ~nodata], expected[:, ~nodata], atol=1e-5)
+    np.testing.assert_allclose(stored[:, ~nodata].sum(axis=0), 1.0, atol=1e-5)
+    assert np.isnan(stored[:, nodata]).all()
+    assert len(set(np.unique(class_map[~nodata]))) == 3  # the test scene exercises every class
+    assert cog_validate(str(result.classes))[0] and cog_validate(str(result.probabilities))[0]
+    assert result.style.exists()
+
+
+@pytest.mark.parametrize("overlap, seamless", [(0, False), (32, True)])
+def test_blending_hides_window_edges(tmp_path: Path, overlap: int, seamless: bool):
+    """A model whose answer depends on the window (here: one constant per window) shows seams
+    unless overlapping windows are blended."""
+    smooth_scene(tmp_path / "scene.tif", 300, 300)
+    calls = iter(range(10_000))
+
+    def per_window_constant(batch: np.ndarray) -> np.ndarray:
+        scores = np.zeros((batch.shape[0], 3, *batch.shape[2:]), np.float32)
+        for item in scores:
+            item[0] = 2.0 if next(calls) % 2 else -2.0
+        return scores
+
+    result = predict_scene(
+        tmp_path / "scene.tif",
+        per_window_constant,
+        tmp_path / "map.tif",
+        scheme=SCHEME,
+        window=64,
+        overlap=overlap,
+        batch_size=4,
+        probabilities_path=tmp_path / "prob.tif",
+    )
+    with rasterio.open(result.probabilities) as src:
+        forest = src.read(1)[30:, 40:]  # away from the nodata corner
+    biggest_step = max(np.abs(np.diff(forest, axis=0)).max(), np.abs(np.diff(forest, axis=1)).max())
+    assert forest.max() - forest.min() > 0.5  # windows really disagree
+    assert (biggest_step < 0.1) == seamless, biggest_step
+
+
+def test_prediction_is_deterministic(tmp_path: Path):
+    smooth_scene(tmp_path / "scene.tif", 200, 150)
+    digests = []
+    for run in range(2):
+        result = predict_scene(
+            tmp_path / "scene.tif",
+            per_pixel_logits,
+            tmp_path / f"map{run}.tif",
+            scheme=SCHEME,
+            window=64,
+            overlap=16,
+            probabilities_path=tmp_path / f"prob{run}.tif",
+        )
+        digests.append(
+            [
+                hashlib.sha256(path.read_bytes()).hexdigest()
+                for path in (result.classes, result.probabilities)
+            ]
+        )
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_scene_smaller_than_a_window_without_crs(tmp_path: Path):
+    image = smooth_scene(tmp_path / "scene.tif", 40, 70, crs=None)
+    result = predict_scene(
+        tmp_path / "scene.tif",
+        per_pixel_logits,
+        tmp_path / "map.tif",
+        scheme=SCHEME,
+        window=128,
+        overlap=32,
+    )
+    assert not result.georeferenced
+    with rasterio.open(result.classes) as src:
+        assert (src.crs, src.width, src.height) == (None, 70, 40)
+        assert src.transform == rasterio.Affine.identity()
+        class_map = src.read(1)
+    valid = ~(image == 0).all(axis=0)
+    np.testing.assert_array_equal(
+        class_map[valid], expected_probabilities(image).argmax(axis=0)[valid]
+    )
+
+
+def test_a_failure_midway_leaves_no_output_and_no_temporary_file(tmp_path: Path):
+    smooth_scene(tmp_path / "scene.tif", 300, 300)
+    out = tmp_path / "out"
+    calls = iter(range(100))
+
+    def fails_on_third_batch(batch: np.ndarray) -> np.ndarray:
+        if next(calls) == 2:
+            raise RuntimeError("out of GPU memory")
+        return per_pixel_logits(batch)
+
+    with pytest.raises(RuntimeError, match="out of GPU memory"):
+        predict_scene(
+            tmp_path / "scene.tif",
+            fails_on_third_batch,
+            out / "map.tif",
+            scheme=SCHEME,
+            window=64,
+            overlap=16,
+            batch_size=2,
+            probabilities_path=out / "prob.tif",
+        )
+    assert list(out.iterdir()) == []
+
+
+def test_wrong_model_output_and_unreadable_image_are_reported(tmp_path: Path):
+    smooth_scene(tmp_path / "scene.tif", 100, 100)
+    with pytest.raises(ValueError, match=r"expected \(2, 3, 64, 64\)"):
+        predict_scene(
+            tmp_path / "scene.tif",
+            lambda batch: batch,
+            tmp_path / "map.tif",
+            scheme=SCHEME,
+            window=64,
+            overlap=16,
+            batch_size=2,
+        )
+    (tmp_path / "broken.tif").write_bytes(b"not a tiff")
+    with pytest.raises(DataError, match="broken.tif"):
+        predict_scene(
+            tmp_path / "broken.tif", per_pixel_logits, tmp_path / "map.tif", scheme=SCHEME
+        )
+    with pytest.raises(DataError, match="has 2 bands"):
+        predict_scene(
+            tmp_path / "scene.tif",
+            per_pixel_logits,
+            tmp_path / "map.tif",
+            scheme=SCHEME,
+            bands=[1, 3],
+        )
+    assert not (tmp_path / "map.tif").exists()
+
+
+def test_large_scene_peak_memory_stays_far_below_loading_it_whole(tmp_path: Path):
+    """4096 x 4096 x 3 uint16, predicted in a fresh process: its RSS growth is a small fraction of
+    what the whole scene with its float32 copy and scores would take."""
+    scene = write_large_scene(tmp_path / "large.tif", 4096)
+    figures = measure_in_subprocess(scene, tmp_path / "out", probabilities=False)
+    growth = figures["peak_rss"] - figures["baseline_rss"]
+    whole = whole_scene_bytes(4096, probabilities=False)
+    print(
+        f"peak RSS {figures['peak_rss'] / 2**20:.0f} MiB, growth {growth / 2**20:.0f} MiB, "
+        f"whole scene {whole / 2**20:.0f} MiB, {figures['megapixels_per_second']:.2f} Mpx/s"
+    )
+    assert growth < whole / 2.5
+    with rasterio.open(tmp_path / "out" / "classes.tif") as src:
+        assert (src.width, src.height) == (4096, 4096)
+        assert src.read(1, window=((0, 16), (0, 16))).max() == 255  # the nodata corner
