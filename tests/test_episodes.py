@@ -1,0 +1,300 @@
+"""Seeded episode samplers on real generated tiles: classification, sparse and dense segmentation.
+
+Samplers are built on one split's rows with a TileCache of the whole index, as the protocol
+does, and every image an episode holds is traced back to its tile to check its labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from geo.classes import IGNORE_INDEX
+from geo.index import read_index
+from pipeline.regions import build_regions
+from tasks.episodes import (
+    ClassificationSampler,
+    DenseSegmentationSampler,
+    Episode,
+    EpisodeError,
+    SegmentationSampler,
+    TileCache,
+    capable_regions,
+    episode_rng,
+    fewer_shots,
+    sample_episodes,
+)
+
+
+@dataclass
+class Indexed:
+    frame: pd.DataFrame
+    names: tuple[str, ...]
+    tiles: TileCache
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name]
+
+    def tile_of(self, rows: pd.DataFrame) -> dict[bytes, int]:
+        """Image bytes -> index label, for tracing an episode's images back to their tiles."""
+        images = self.tiles.images(rows.index.to_numpy())
+        lookup = {image.tobytes(): int(label) for image, label in zip(images, rows.index)}
+        assert len(lookup) == len(rows)  # every tile's pixels are distinct
+        return lookup
+
+
+def _load(path) -> Indexed:
+    frame, metadata = read_index(path)
+    frame = frame.reset_index(drop=True)
+    return Indexed(frame, tuple(metadata["scheme"]["names"]), TileCache(frame))
+
+
+@pytest.fixture(scope="module")
+def sen12ms(sen12ms_index, tmp_path_factory) -> Indexed:
+    out = tmp_path_factory.mktemp("episodes") / "sen12ms.parquet"
+    return _load(build_regions(sen12ms_index, out, split=(0.5, 0.25, 0.25), seed=0).index_path)
+
+
+@pytest.fixture(scope="module")
+def deepglobe(deepglobe_index, tmp_path_factory) -> Indexed:
+    out = tmp_path_factory.mktemp("episodes") / "deepglobe.parquet"
+    return _load(build_regions(deepglobe_index, out, by="kmeans", seed=0).index_path)
+
+
+def trace(data: Indexed, rows: pd.DataFrame, images: np.ndarray) -> list[int]:
+    lookup = data.tile_of(rows)
+    return [lookup[image.tobytes()] for image in images]
+
+
+def relabel(masks: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    out = np.full(masks.shape, IGNORE_INDEX, dtype=np.int64)
+    for label, cls in enumerate(classes):
+        out[masks == cls] = label
+    return out
+
+
+def same(a: Episode, b: Episode) -> bool:
+    return (
+        a.region == b.region
+        and np.array_equal(a.classes, b.classes)
+        and all(
+            np.array_equal(getattr(a, name), getattr(b, name))
+            for name in ("support_images", "support_labels", "query_images", "query_labels")
+        )
+    )
+
+
+# --- classification --------------------------------------------------------------------------
+
+
+def test_classification_episodes_hold_n_classes_times_k_items_of_one_region(sen12ms):
+    rows = sen12ms.split("test")
+    assert rows.index.min() > 0 or rows.index.max() < len(sen12ms.frame) - 1  # not the whole index
+    n_way, k_shot, q_queries = 3, 2, 3
+    sampler = ClassificationSampler(
+        rows, sen12ms.tiles, n_way=n_way, k_shot=k_shot, q_queries=q_queries, class_names=sen12ms.names
+    )
+    regions = sorted(rows["region"].unique())
+    episodes = list(sample_episodes(sampler, regions, 8, seed=1))
+    assert {episode.region for episode in episodes} == set(regions)
+    for episode in episodes:
+        region_rows = rows[rows["region"] == episode.region]
+        per_class = region_rows["majority_class"].value_counts()
+        assert len(episode.classes) == n_way and np.all(np.diff(episode.classes) > 0)
+        assert all(per_class[c] >= k_shot + q_queries for c in episode.classes)
+        assert episode.support_images.shape == (n_way * k_shot, 13, 32, 32)
+        assert episode.support_images.dtype == np.float32 and episode.support_labels.dtype == np.int64
+        assert np.bincount(episode.support_labels).tolist() == [k_shot] * n_way
+        assert np.bincount(episode.query_labels).tolist() == [q_queries] * n_way
+        support = trace(sen12ms, region_rows, episode.support_images)
+        query = trace(sen12ms, region_rows, episode.query_images)  # KeyError: a tile of elsewhere
+        assert not set(support) & set(query) and len(set(support + query)) == len(support + query)
+        majority = sen12ms.frame["majority_class"]
+        assert (majority[support].to_numpy() == episode.classes[episode.support_labels]).all()
+        assert (majority[query].to_numpy() == episode.classes[episode.query_labels]).all()
+
+
+def test_same_seed_gives_identical_episodes_across_sampler_instances(sen12ms):
+    def episodes(seed: int, count: int) -> list[Episode]:
+        fresh = TileCache(sen12ms.frame)  # a new cache and sampler each time: nothing shared
+        rows = sen12ms.split("train")
+        sampler = SegmentationSampler(rows, fresh, n_way=3, k_shot=4, query_tiles=2)
+        return list(sample_episodes(sampler, sorted(rows["region"].unique()), count, seed=seed))
+
+    first, again = episodes(5, 6), episodes(5, 6)
+    assert all(same(a, b) for a, b in zip(first, again))
+    assert all(same(a, b) for a, b in zip(first[:3], episodes(5, 3)))  # episode i depends on i only
+    other = episodes(6, 6)
+    assert not all(same(a, b) for a, b in zip(first, other))
+
+    rows = sen12ms.split("train")
+    make = lambda: ClassificationSampler(rows, TileCache(sen12ms.frame), n_way=2, k_shot=3, q_queries=2)  # noqa: E731
+    region = sorted(rows["region"].unique())[0]
+    a = make().sample(region, episode_rng(9, region, 4))
+    b = make().sample(region, episode_rng(9, region, 4))
+    c = make().sample(region, episode_rng(9, region, 5))
+    assert same(a, b) and not same(a, c)
+
+
+# --- segmentation ----------------------------------------------------------------------------
+
+
+def test_sparse_segmentation_labels_k_pixels_per_class_and_dense_queries(sen12ms):
+    rows = sen12ms.split("val")
+    n_way, k_shot = 3, 7
+    sampler = SegmentationSampler(rows, sen12ms.tiles, n_way=n_way, k_shot=k_shot, query_tiles=2)
+    for episode in sample_episodes(sampler, sorted(rows["region"].unique()), 6, seed=2):
+        region_rows = rows[rows["region"] == episode.region]
+        assert episode.sparse_support and len(episode.classes) == n_way
+        labels = episode.support_labels
+        assert labels.shape == episode.support_images.shape[:1] + (32, 32) and labels.dtype == np.int64
+        assert 1 <= len(labels) <= n_way
+        assert [(labels == label).sum() for label in range(n_way)] == [k_shot] * n_way
+        assert (labels[labels >= n_way] == IGNORE_INDEX).all()
+        support = trace(sen12ms, region_rows, episode.support_images)
+        query = trace(sen12ms, region_rows, episode.query_images)
+        assert len(query) == 2 and not set(support) & set(query)
+        truth = relabel(sen12ms.tiles.masks(support), episode.classes)
+        labelled = labels != IGNORE_INDEX
+        assert (labels[labelled] == truth[labelled]).all()  # labelled pixels carry their true class
+        assert np.array_equal(episode.query_labels, relabel(sen12ms.tiles.masks(query), episode.classes))
+        assert (episode.query_labels != IGNORE_INDEX).any()
+
+
+def test_dense_deepglobe_episodes_hold_k_fully_labelled_tiles(deepglobe):
+    rows = deepglobe.split("train")
+    k_shot = 3
+    sampler = DenseSegmentationSampler(
+        rows, deepglobe.tiles, k_shot=k_shot, query_tiles=2, class_names=deepglobe.names
+    )
+    episodes = list(sample_episodes(sampler, sorted(rows["region"].unique()), 4, seed=0))
+    for episode in episodes:
+        region_rows = rows[rows["region"] == episode.region]
+        assert episode.support_images.shape == (k_shot, 3, 32, 32)
+        assert episode.support_labels.shape == (k_shot, 32, 32) and not episode.sparse_support
+        support = trace(deepglobe, region_rows, episode.support_images)
+        query = trace(deepglobe, region_rows, episode.query_images)
+        assert len(query) == 2 and not set(support) & set(query)
+        masks = deepglobe.tiles.masks(support + query)
+        present = np.unique(masks[masks != IGNORE_INDEX])
+        assert np.array_equal(episode.classes, present)
+        assert np.array_equal(episode.support_labels, relabel(masks[:k_shot], episode.classes))
+        assert np.array_equal(episode.query_labels, relabel(masks[k_shot:], episode.classes))
+        assert (episode.support_labels != IGNORE_INDEX).mean() > 0.9  # whole tiles labelled
+
+
+# --- regions that cannot supply an episode -----------------------------------------------------
+
+
+def test_region_short_of_classes_gets_an_error_naming_region_and_classes(sen12ms):
+    rows = sen12ms.split("train")
+    region = sorted(rows["region"].unique())[0]
+    counts = rows.loc[rows["region"] == region, "majority_class"].value_counts()
+    k_shot, q_queries = 3, 8
+    enough = sorted(int(c) for c, n in counts.items() if n >= k_shot + q_queries)
+    short = sorted(int(c) for c, n in counts.items() if n < k_shot + q_queries)
+    assert enough and short  # the generated region has both kinds of class at this size
+
+    fits = ClassificationSampler(rows, sen12ms.tiles, n_way=len(enough), k_shot=k_shot, q_queries=q_queries)
+    assert fits.sample(region, episode_rng(0, region, 0)).classes.tolist() == enough
+
+    sampler = ClassificationSampler(
+        rows, sen12ms.tiles, n_way=len(enough) + 1, k_shot=k_shot, q_queries=q_queries, class_names=sen12ms.names
+    )
+    with pytest.raises(EpisodeError) as error:
+        sampler.sample(region, episode_rng(0, region, 0))
+    message = str(error.value)
+    assert f"region {region}" in message and f"needs {len(enough) + 1} classes" in message
+    for cls in short:
+        assert f"{sen12ms.names[cls]} ({counts[cls]})" in message.split("short:")[1]
+    for cls in enough:
+        assert sen12ms.names[cls] in message.split("short:")[0]
+    assert region not in capable_regions(sampler, [region])
+
+    greedy = ClassificationSampler(rows, sen12ms.tiles, n_way=11, k_shot=1, q_queries=1, class_names=sen12ms.names)
+    regions = sorted(rows["region"].unique())
+    assert capable_regions(greedy, regions) == []
+    with pytest.raises(EpisodeError, match="no region can supply an episode") as none:
+        list(sample_episodes(greedy, regions, 1, seed=0))
+    assert all(f"region {name}" in str(none.value) for name in regions)
+
+
+def test_segmentation_shortfalls_name_region_and_classes(sen12ms, deepglobe):
+    rows = sen12ms.split("test")
+    region = sorted(rows["region"].unique())[0]
+    too_many_pixels = SegmentationSampler(rows, sen12ms.tiles, n_way=2, k_shot=32 * 32 + 1, class_names=sen12ms.names)
+    with pytest.raises(EpisodeError, match=f"region {region} needs 2 classes") as error:
+        too_many_pixels.sample(region, episode_rng(0, region, 0))
+    present = rows.loc[rows["region"] == region, "majority_class"].unique()
+    assert all(sen12ms.names[c] in str(error.value) for c in present)
+
+    dg = deepglobe.split("test")
+    dg_region = dg["region"].iloc[0]
+    too_many_tiles = DenseSegmentationSampler(dg, deepglobe.tiles, k_shot=len(dg), query_tiles=2, class_names=deepglobe.names)
+    with pytest.raises(EpisodeError, match=f"region {dg_region} has {len(dg)} tiles, needs {len(dg) + 2}"):
+        too_many_tiles.sample(dg_region, episode_rng(0, dg_region, 0))
+    with pytest.raises(EpisodeError, match="region elsewhere"):
+        too_many_pixels.sample("elsewhere", episode_rng(0, "elsewhere", 0))
+
+
+# --- fewer shots ------------------------------------------------------------------------------
+
+
+def _subset(small: np.ndarray, large: np.ndarray) -> bool:
+    pool = {image.tobytes() for image in large}
+    return all(image.tobytes() in pool for image in small)
+
+
+def test_fewer_shots_nests_supports_and_keeps_queries(sen12ms, deepglobe):
+    rows = sen12ms.split("train")
+    region = sorted(rows["region"].unique())[1]
+    rng = lambda: episode_rng(3, region, 0)  # noqa: E731
+
+    classification = ClassificationSampler(rows, sen12ms.tiles, n_way=2, k_shot=5, q_queries=3).sample(region, rng())
+    cuts = {k: fewer_shots(classification, k, seed=0) for k in (0, 1, 2, 5, 9)}
+    for k, cut in cuts.items():
+        assert np.bincount(cut.support_labels, minlength=2).tolist() == [min(k, 5)] * 2
+        assert np.array_equal(cut.query_images, classification.query_images)
+        assert np.array_equal(cut.query_labels, classification.query_labels)
+    assert cuts[0].support_images.shape == (0, 13, 32, 32)
+    for small, large in ((1, 2), (2, 5)):
+        assert _subset(cuts[small].support_images, cuts[large].support_images)
+        for label in range(2):  # and with its labels
+            assert _subset(cuts[small].support_images[cuts[small].support_labels == label],
+                           cuts[large].support_images[cuts[large].support_labels == label])
+    assert same(cuts[5], classification)
+
+    sparse = SegmentationSampler(rows, sen12ms.tiles, n_way=3, k_shot=10).sample(region, rng())
+    pixel_cuts = {k: fewer_shots(sparse, k, seed=4) for k in (1, 3, 10)}
+    for k, cut in pixel_cuts.items():
+        assert [(cut.support_labels == label).sum() for label in range(3)] == [k] * 3
+        assert np.array_equal(cut.support_images, sparse.support_images)
+        assert np.array_equal(cut.query_labels, sparse.query_labels)
+    for small, large in ((1, 3), (3, 10)):
+        kept = pixel_cuts[small].support_labels != IGNORE_INDEX
+        assert (pixel_cuts[small].support_labels[kept] == pixel_cuts[large].support_labels[kept]).all()
+    assert np.array_equal(pixel_cuts[10].support_labels, sparse.support_labels)
+
+    dg = deepglobe.split("train")
+    dense = DenseSegmentationSampler(dg, deepglobe.tiles, k_shot=4).sample(dg["region"].iloc[0], rng())
+    one, two = fewer_shots(dense, 1), fewer_shots(dense, 2)
+    assert len(one.support_images) == 1 and len(two.support_images) == 2
+    assert _subset(one.support_images, two.support_images) and _subset(two.support_images, dense.support_images)
+    assert np.array_equal(one.query_labels, dense.query_labels) and np.array_equal(one.classes, dense.classes)
+    with pytest.raises(ValueError, match="shots"):
+        fewer_shots(dense, -1)
+
+
+def test_tile_cache_reads_tiles_by_index_label(sen12ms):
+    rows = sen12ms.split("test")
+    labels = rows.index.to_numpy()[[0, 5, -1]]
+    images, masks = sen12ms.tiles.images(labels), sen12ms.tiles.masks(labels)
+    counts = np.stack([np.bincount(mask[mask != IGNORE_INDEX], minlength=10) for mask in masks])
+    assert np.array_equal(counts, np.stack(rows.loc[labels, "class_counts"].map(np.asarray)))
+    subset_cache = TileCache(rows)  # a cache of the split only names tiles the same way
+    assert np.array_equal(subset_cache.images(labels), images)
+    assert sen12ms.tiles.images([]).shape == (0, 13, 32, 32)
+    with pytest.raises(ValueError, match="unique index"):
+        TileCache(pd.concat([rows.head(2), rows.head(2)]))
