@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -39,6 +40,284 @@ def reports_user_errors(command: Command) -> Command:
 
 
 # --- commands (each a thin wrapper over a pipeline function) ---------------------------------
+
+
+# `run` and `serve` start Prefect flows: `flows` (and prefect) is imported inside them only.
+ConfigOption = typer.Option(
+    None, "--config", help="Flow YAML (see pipeline/config.py); default: all steps on sample data."
+)
+DaskAddressOption = typer.Option(
+    None, "--dask-address", help="Dask scheduler (tcp://host:port) for ingest and prediction."
+)
+WorkersOption = typer.Option(
+    None, "--workers", min=1, help="Ingest and predict on a local Dask cluster of N processes."
+)
+
+
+@app.command()
+@reports_user_errors
+def run(
+    config: Path | None = ConfigOption,
+    dask_address: str | None = DaskAddressOption,
+    workers: int | None = WorkersOption,
+    refresh: bool = typer.Option(False, "--refresh", help="Recompute all steps, ignore the cache."),
+) -> None:
+    """Run the end-to-end flow once now; steps whose inputs did not change come from the cache."""
+    from flows.flows import run_once
+
+    if dask_address is not None and workers is not None:
+        raise typer.BadParameter("give --dask-address or --workers, not both")
+    outputs = run_once(config, dask_address=dask_address, workers=workers, refresh=refresh)
+    typer.echo(f"index: {outputs.regions}")
+    for name, run_dir in outputs.runs.items():
+        typer.echo(f"model {name}: {run_dir}")
+    if outputs.report is not None:
+        typer.echo(f"report: {outputs.report}")
+    for path in outputs.maps:
+        typer.echo(f"map: {path}")
+
+
+@app.command()
+@reports_user_errors
+def serve(
+    cron: str = typer.Option(..., "--cron", help="When to run, e.g. '0 3 * * *' (03:00 daily)."),
+    config: Path | None = ConfigOption,
+    name: str = typer.Option("landcover-scheduled", "--name", help="Deployment name."),
+    dask_address: str | None = DaskAddressOption,
+    workers: int | None = WorkersOption,
+) -> None:
+    """Serve the end-to-end flow on a schedule against the Prefect server at PREFECT_API_URL."""
+    from flows.flows import ServeError, serve as serve_flow
+
+    if dask_address is not None and workers is not None:
+        raise typer.BadParameter("give --dask-address or --workers, not both")
+    try:
+        serve_flow(cron, name=name, config=config, dask_address=dask_address, workers=workers)
+    except ServeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+@app.command("sample-data")
+@reports_user_errors
+def sample_data(
+    out: Path = typer.Argument(..., help="Folder to write into (created when missing)."),
+    kind: str = typer.Option(
+        "sen12ms", "--kind", help="Layout: sen12ms, deepglobe, eurosat, or scene (a new region)."
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, help="Same seed, same bytes."),
+    regions: int | None = typer.Option(
+        None, "--regions", min=1, help="Number of regions (scene ids, UTM zones)."
+    ),
+    size: int | None = typer.Option(
+        None, "--size", min=16, help="Patch, image or scene size in pixels."
+    ),
+) -> None:
+    """Write synthetic data in a real release layout (see geo/sample_data.py for its model)."""
+    from geo.sample_data import KINDS, generate
+
+    if kind not in KINDS:
+        raise typer.BadParameter(f"choose one of {', '.join(KINDS)}", param_hint="--kind")
+    try:
+        written = generate(kind, out, seed=seed, regions=regions, size=size)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"wrote {kind} sample data to {written}")
+
+
+@app.command()
+@reports_user_errors
+def ingest(
+    root: Path = typer.Argument(..., help="Dataset folder."),
+    source: str = typer.Option(
+        ..., "--source", help="Layout of ROOT: sen12ms, deepglobe or folder."
+    ),
+    out: Path = typer.Option(..., "--out", help="GeoParquet index to write."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Stop at a bad file (exit 1, write nothing)."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Reader threads (default: CPUs, at most 8)."
+    ),
+    grid: int = typer.Option(
+        4, "--grid", min=1, help="DeepGlobe: cut each image into GRID x GRID tiles."
+    ),
+) -> None:
+    """Index every patch or tile of a dataset into a GeoParquet file; bad files are listed."""
+    from geo.readers import SOURCES
+    from pipeline.ingest import ingest as run_ingest
+
+    if source not in SOURCES:
+        raise typer.BadParameter(f"choose one of {', '.join(SOURCES)}", param_hint="--source")
+    summary = run_ingest(source, root, out, strict=strict, workers=workers, grid=grid)
+    for entry in summary.skipped:
+        typer.echo(f"skipped {entry.path}: {entry.reason}", err=True)
+    typer.echo(
+        f"wrote {summary.out}: {summary.rows} tiles in {summary.seconds:.1f} s "
+        f"({summary.tiles_per_second:.0f} tiles/s), {len(summary.skipped)} files skipped"
+    )
+
+
+def _csv(text: str, cast: type, option: str) -> tuple:
+    """'0,1,2' -> (0, 1, 2), or a usage error naming the option."""
+    try:
+        return tuple(cast(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list", param_hint=option) from None
+
+
+@app.command()
+@reports_user_errors
+def regions(
+    index: Path = typer.Argument(..., help="GeoParquet index written by `landcover ingest`."),
+    by: str = typer.Option("metadata", "--by", help="metadata (scene, UTM zone, --column) or kmeans."),
+    column: str | None = typer.Option(
+        None, "--column",
+        help="metadata: index column naming the regions; kmeans: column whose rows are clustered "
+        "as one unit (default: the image id for DeepGlobe, else single tiles).",
+    ),
+    k: int | None = typer.Option(None, "--k", min=1, help="KMeans clusters (default: best silhouette)."),
+    split: str | None = typer.Option(
+        None, "--split", help="Fractions of regions for train,val,test [default: 0.6,0.2,0.2]."
+    ),
+    split_file: Path | None = typer.Option(
+        None, "--split-file", help="YAML/JSON mapping train, val, test to lists of regions."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of KMeans and of the split."),
+    out: Path = typer.Option(..., "--out", help="Index to write (may be INDEX itself)."),
+) -> None:
+    """Give every tile a region (metadata or KMeans) and every region a split."""
+    from pipeline.regions import build_regions, read_split_file
+    from tasks.splits import parse_fractions
+
+    if by not in ("metadata", "kmeans"):
+        raise typer.BadParameter("choose metadata or kmeans", param_hint="--by")
+    if split is not None and split_file is not None:
+        raise typer.BadParameter("give --split or --split-file, not both", param_hint="--split")
+    if split_file is not None:
+        chosen: Any = read_split_file(split_file)
+    else:
+        try:
+            chosen = parse_fractions(split if split is not None else "0.6,0.2,0.2")
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--split") from None
+    summary = build_regions(index, out, by=by, column=column, k=k, split=chosen, seed=seed)  # type: ignore[arg-type]
+    clustered = f" (k={summary.k}, clustered by {summary.unit})" if summary.k else ""
+    typer.echo(f"wrote {summary.index_path}{clustered}")
+    for name, count in summary.regions_per_split.items():
+        typer.echo(f"  {name}: {count} regions, {summary.tiles_per_split[name]} tiles")
+    if summary.plot_path:
+        typer.echo(f"regions plot: {summary.plot_path}")
+
+
+@app.command()
+@reports_user_errors
+def train(
+    index: Path = typer.Argument(..., help="Index with regions and splits (`landcover regions`)."),
+    method: str = typer.Option("maml", "--method", help="maml, fomaml or pretrain."),
+    task: str = typer.Option("segmentation", "--task", help="classification or segmentation."),
+    iterations: int = typer.Option(300, "--iterations", min=1, help="Outer steps (MAML) or batches."),
+    seed: int = typer.Option(0, "--seed"),
+    size: str = typer.Option("tiny", "--size", help="Model size: tiny (CPU) or base (GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    out: Path = typer.Option(..., "--out", help="Run directory; training resumes if it holds one."),
+) -> None:
+    """Meta-train (MAML, FOMAML) or pretrain a model; pick its fine-tuning budget on validation."""
+    from pipeline.train import TrainConfig, train as run_train
+
+    if method not in ("maml", "fomaml", "pretrain"):
+        raise typer.BadParameter("choose maml, fomaml or pretrain", param_hint="--method")
+    if task not in ("classification", "segmentation"):
+        raise typer.BadParameter("choose classification or segmentation", param_hint="--task")
+    config = TrainConfig(
+        method=method, task=task, iterations=iterations, seed=seed, size=size, device=device  # type: ignore[arg-type]
+    )
+    summary = run_train(index, out, config)
+    budget = "learned rates" if summary.finetune_lr is None else f"lr {summary.finetune_lr}"
+    typer.echo(
+        f"wrote {summary.run_dir}: best validation accuracy {summary.validation_accuracy:.3f} at "
+        f"iteration {summary.best_iteration}; fine-tuning budget {summary.finetune_steps} steps, "
+        f"{budget}; {summary.iterations_per_second:.2f} iterations/s"
+    )
+
+
+@app.command()
+@reports_user_errors
+def evaluate(
+    index: Path = typer.Argument(..., help="Index with regions and splits."),
+    more_runs: list[Path] | None = typer.Argument(None, help="More run directories (--runs A B).", show_default=False),
+    runs: list[Path] = typer.Option(..., "--runs", help="Run directories to compare: --runs A B."),
+    shots: str = typer.Option("0,1,2,5,10", "--shots", help="Shot counts to score."),
+    episodes: int = typer.Option(50, "--episodes", min=1, help="Test episodes per shot count."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    out: Path = typer.Option(..., "--out", help="Report folder."),
+) -> None:
+    """Score every run and random init on the same test episodes; write a table and a plot."""
+    from pipeline.evaluate import EvaluateConfig, evaluate as run_evaluate
+
+    config = EvaluateConfig(shots=_csv(shots, int, "--shots"), episodes=episodes, seed=seed, device=device)
+    report = run_evaluate(index, [*runs, *(more_runs or [])], out, config)
+    typer.echo(report.files.table)
+    typer.echo(f"results: {report.files.csv}\nreport: {report.files.markdown}\nplot: {report.files.plot}")
+
+
+def _print_map(result, out: Path) -> None:
+    """Where the map went and what it holds; a scene without CRS is called out."""
+    scene_map = result.scene_map
+    typer.echo(f"map: {scene_map.classes} (style {scene_map.style}); classes: {', '.join(result.classes)}")
+    if scene_map.probabilities:
+        typer.echo(f"probabilities: {scene_map.probabilities}")
+    if result.polygons:
+        typer.echo(f"polygons: {result.polygons}")
+    if result.adapted_dir:
+        typer.echo(f"adapted model: {result.adapted_dir}")
+    if not scene_map.georeferenced:
+        typer.echo(f"note: the scene has no CRS; {out} is in pixel coordinates", err=True)
+
+
+@app.command()
+@reports_user_errors
+def adapt(
+    model: Path = typer.Option(..., "--model", help="Run directory from `landcover train`."),
+    image: Path = typer.Option(..., "--image", help="Scene GeoTIFF with the model's bands."),
+    labels: Path = typer.Option(..., "--labels", help="Labelled points/polygons (GPKG, GeoJSON, SHP; any CRS)."),
+    out: Path = typer.Option(..., "--out", help="Class map to write (Cloud-Optimized GeoTIFF)."),
+    class_column: str = typer.Option("class", "--class-column", help="Column of class names or ids."),
+    steps: int | None = typer.Option(None, "--steps", min=0, help="Fine-tuning steps (default: picked on validation)."),
+    probabilities: Path | None = typer.Option(None, "--probabilities", help="Also write class probabilities here."),
+    vector: Path | None = typer.Option(None, "--vector", help="Also write the map as polygons (GeoPackage)."),
+    save_adapted: Path | None = typer.Option(None, "--save-adapted", help="Save the adapted model here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Adapt a trained model to a new scene from a few labelled pixels, then map the scene."""
+    from pipeline.adapt import MapConfig, adapt as run_adapt
+
+    config = MapConfig(steps=steps, class_column=class_column, device=device, seed=seed)
+    result = run_adapt(
+        model, image, labels, out, probabilities=probabilities, vector=vector,
+        save_adapted=save_adapted, config=config,
+    )
+    typer.echo(f"adapted on {result.labelled_pixels} labelled pixels in {result.support_windows} windows")
+    _print_map(result, out)
+
+
+@app.command()
+@reports_user_errors
+def predict(
+    model: Path = typer.Option(..., "--model", help="Run or adapted-model directory."),
+    image: Path = typer.Option(..., "--image", help="Scene GeoTIFF with the model's bands."),
+    out: Path = typer.Option(..., "--out", help="Class map to write (Cloud-Optimized GeoTIFF)."),
+    probabilities: Path | None = typer.Option(None, "--probabilities", help="Also write class probabilities here."),
+    vector: Path | None = typer.Option(None, "--vector", help="Also write the map as polygons (GeoPackage)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Map a scene with a model as it is (e.g. one saved by `adapt --save-adapted`)."""
+    from pipeline.adapt import MapConfig, predict_map
+
+    result = predict_map(model, image, out, probabilities=probabilities, vector=vector, config=MapConfig(device=device))
+    _print_map(result, out)
 
 
 if __name__ == "__main__":
