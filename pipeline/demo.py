@@ -12,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import rasterio
+
+from geo.classes import IGNORE_INDEX
 from geo.sample_data import write_scene, write_sen12ms
+from pipeline.adapt import adapt
 from pipeline.evaluate import EvaluateConfig, evaluate
 from pipeline.ingest import ingest
 from pipeline.protocol import EpisodeShape, load_split_index
@@ -82,7 +86,28 @@ def main(out: Path) -> None:
     say(report.files.table)
     say(f"  plot: {report.files.plot}")
 
-    say(f"done in {time.perf_counter() - started:.0f} s; scene for adapt: {scene.image}")
+    say("6/6 adapt the meta-learned model to the new scene from its labelled points")
+    maps = out / "maps"
+    for method, run_dir in runs.items():
+        result = adapt(
+            run_dir, scene.image, scene.labels, maps / f"{method}.tif",
+            vector=maps / f"{method}.gpkg", probabilities=maps / f"{method}-probabilities.tif",
+        )
+        accuracy = map_accuracy(result.scene_map.classes, scene.truth)
+        say(
+            f"  {method}: {result.labelled_pixels} labelled pixels -> {result.scene_map.classes} "
+            f"(accuracy against the truth raster {accuracy:.3f})"
+        )
+    say(f"open {maps / 'maml.tif'} in QGIS: its style {maps / 'maml.qml'} names and colours the classes")
+    say(f"done in {time.perf_counter() - started:.0f} s")
+
+
+def map_accuracy(map_path: Path, truth_path: Path) -> float:
+    """Share of the truth raster's labelled pixels that the map gets right."""
+    with rasterio.open(map_path) as predicted, rasterio.open(truth_path) as truth:
+        classes, expected = predicted.read(1), truth.read(1)
+    labelled = expected != IGNORE_INDEX
+    return float((classes[labelled] == expected[labelled]).mean())
 
 
 if __name__ == "__main__":

@@ -66,3 +66,33 @@ def eurosat_index(eurosat_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 def scene_files(tmp_path_factory: pytest.TempPathFactory) -> SceneFiles:
     """A 128 px new region: 13-band scene with a nodata edge, labelled points, dense truth."""
     return write_scene(tmp_path_factory.mktemp("scene"), **SCENE)
+
+
+@pytest.fixture(scope="session")
+def split_index(sen12ms_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SEN12MS index with metadata regions and a 60/20/20 split by scene."""
+    from pipeline.regions import build_regions
+
+    out = tmp_path_factory.mktemp("split") / "sen12ms-split.parquet"
+    return build_regions(sen12ms_index, out, by="metadata", seed=0).index_path
+
+
+TINY_TRAINING = {"iterations": 30, "validate_every": 10, "validation_episodes": 4, "checkpoint_every": 10}
+"""Enough to tell the methods apart on the sample data, in seconds on two cores."""
+
+
+@pytest.fixture(scope="session")
+def trained_runs(split_index: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny segmentation runs of pretrain and MAML (MAML starts from the pretrained weights)."""
+    from pipeline.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("runs")
+    pretrain = train(
+        split_index, root / "pretrain", TrainConfig(method="pretrain", **{**TINY_TRAINING, "iterations": 60}),
+        progress=False,
+    ).run_dir
+    maml = train(
+        split_index, root / "maml",
+        TrainConfig(method="maml", init_from=str(pretrain), **TINY_TRAINING), progress=False,
+    ).run_dir
+    return {"pretrain": pretrain, "maml": maml}
