@@ -1,0 +1,224 @@
+"""The pipeline as Prefect flows: one per step, and the end-to-end run that chains them.
+
+Each flow only wires tasks from `flows.steps` together. The end-to-end flow reads its YAML config
+when it runs (a scheduled deployment picks up edits to the file), keeps every cached result in
+`<output>/.prefect-cache`, and hands ingest and prediction to Dask when asked to.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prefect import flow, unmapped
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.deployments.runner import EntrypointType
+from prefect.settings import PREFECT_API_URL, PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+from flows import steps
+from flows.caching import CACHE_FOLDER
+from flows.dask import dask_runner
+from pipeline.config import (
+    SAMPLE_KIND,
+    adapt_settings,
+    evaluate_settings,
+    load_config,
+    regions_settings,
+    train_settings,
+)
+
+
+@flow(name="landcover-ingest")
+def ingest_flow(
+    source: str,
+    root: Path,
+    out: Path,
+    strict: bool = False,
+    grid: int = 4,
+    files_per_task: int = 32,
+) -> Path:
+    """Index a dataset, one task per part of its files, so a Dask runner spreads the reading."""
+    plan = steps.plan_ingest(source, root, files_per_task)
+    parts = steps.index_part.map(
+        unmapped(source), plan.parts, unmapped(grid), unmapped(plan.dataset.scheme.num_classes)
+    )
+    return steps.write_index(source, root, plan, parts, out, strict, grid)
+
+
+@flow(name="landcover-regions")
+def regions_flow(index: Path, out: Path, settings: dict[str, Any]) -> Path:
+    """Name each tile's region and split regions into train/val/test."""
+    return steps.regions(index, out, settings)
+
+
+@flow(name="landcover-meta-train")
+def meta_train_flow(
+    index: Path, runs: dict[str, dict[str, Any]], out_dir: Path
+) -> dict[str, Path]:
+    """Train one model per named run (method and seed), one after the other on this machine."""
+    return {name: steps.train(index, out_dir / name, settings) for name, settings in runs.items()}
+
+
+@flow(name="landcover-evaluate")
+def evaluate_flow(
+    index: Path, runs: dict[str, Path], out_dir: Path, settings: dict[str, Any]
+) -> Path:
+    """Score every run on the same held-out episodes; publish the table and plot as artifacts."""
+    report = steps.evaluate(index, runs, out_dir, settings)
+    steps.publish_report(report.table, report.plot, report.markdown)
+    return report.markdown
+
+
+@flow(name="landcover-adapt-predict")
+def adapt_predict_flow(
+    model: Path,
+    image: Path,
+    labels: Path,
+    out: Path,
+    adapted: Path,
+    settings: dict[str, Any],
+    scenes: dict[Path, Path] | None = None,
+) -> list[Path]:
+    """Adapt a trained model to a new region from its labelled pixels and map that scene to
+    `out`; then map each of `scenes` (scene -> its map) with the adapted model, one task each."""
+    model = steps.adapt(model, image, labels, out, adapted, settings)
+    scenes = scenes or {}
+    maps = steps.predict.map(unmapped(model), list(scenes), list(scenes.values()), unmapped(settings))
+    return [out, *maps.result()]
+
+
+@dataclass
+class EndToEndOutputs:
+    """Where the run left its results."""
+
+    index: Path
+    regions: Path
+    runs: dict[str, Path] = field(default_factory=dict)
+    report: Path | None = None
+    maps: list[Path] = field(default_factory=list)
+
+
+@flow(name="landcover-end-to-end")
+def end_to_end(
+    config: str | None = None, dask_address: str | None = None, workers: int | None = None
+) -> EndToEndOutputs:
+    """Sample data (when the config names none) -> ingest -> regions -> train each method ->
+    evaluate -> adapt to a new scene. Steps whose inputs did not change come from the cache."""
+    settings = load_config(Path(config) if config else None)
+    paths = settings.layout
+    stored = {"result_storage": settings.output / CACHE_FOLDER}
+    data = settings.data
+    with dask_runner(dask_address, workers) as runner:
+        scaled = {**stored, "task_runner": runner} if runner else stored
+        root = data.root or steps.sample_data.with_options(**stored)(
+            SAMPLE_KIND[data.source], paths.sample_data, **asdict(data.sample)
+        )
+        index = ingest_flow.with_options(**scaled)(
+            data.source, root, paths.index, data.strict, data.grid, data.files_per_task
+        )
+        regions = regions_flow.with_options(**stored)(
+            index, paths.regions, regions_settings(settings)
+        )
+        outputs = EndToEndOutputs(index=index, regions=regions)
+        if not settings.methods:
+            return outputs
+        outputs.runs = meta_train_flow.with_options(**stored)(
+            regions,
+            {
+                settings.run_name(method, seed): train_settings(settings, method, seed)
+                for method in settings.methods
+                for seed in settings.seeds
+            },
+            paths.runs,
+        )
+        outputs.report = evaluate_flow.with_options(**stored)(
+            regions, outputs.runs, paths.evaluation, evaluate_settings(settings)
+        )
+        if settings.adapt is None:
+            return outputs
+        image, labels = (
+            (settings.adapt.image, settings.adapt.labels)
+            if settings.adapt.image is not None
+            else steps.sample_scene.with_options(**stored)(paths.sample_scene, data.sample.seed)
+        )
+        outputs.maps = adapt_predict_flow.with_options(**scaled)(
+            outputs.runs[settings.adapt_run],
+            image,
+            labels,
+            paths.adapted_map,
+            paths.adapted_model,
+            adapt_settings(settings),
+            {scene: paths.prediction(scene) for scene in settings.adapt.scenes},
+        )
+    return outputs
+
+
+class ServeError(RuntimeError):
+    """Serving cannot start: no Prefect server to hold the schedule, or a bad cron string."""
+
+
+def run_once(
+    config: Path | None, *, dask_address: str | None, workers: int | None, refresh: bool
+) -> EndToEndOutputs:
+    """Run the end-to-end flow now; `refresh` recomputes every step instead of reusing results."""
+    load_config(config)  # a mistake in the file stops here, before Prefect starts
+    with _one_server(), temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}):
+        return end_to_end(_absolute(config), dask_address, workers)
+
+
+@contextlib.contextmanager
+def _one_server() -> Iterator[None]:
+    """Without PREFECT_API_URL every process, Dask workers too, would start a temporary server of
+    its own and the workers' task runs would be lost with it: start one and point all at it."""
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer  # the server's code: import late
+
+    server = SubprocessASGIServer()
+    server.start()
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
+
+
+def serve(
+    cron: str,
+    *,
+    name: str,
+    config: Path | None,
+    dask_address: str | None,
+    workers: int | None,
+) -> None:
+    """Serve the end-to-end flow on a cron schedule until interrupted (the schedule then pauses).
+
+    Needs a Prefect server (PREFECT_API_URL): the ephemeral one of a plain run takes no schedules.
+    """
+    if not PREFECT_API_URL.value():
+        raise ServeError(
+            "no Prefect server: start one with `prefect server start`, then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
+    try:
+        schedule = CronSchedule(cron=cron)
+    except ValueError:
+        raise ServeError(f"{cron!r} is not a cron schedule (e.g. '0 3 * * *')") from None
+    load_config(config)
+    try:
+        end_to_end.serve(
+            name=name,
+            schedules=[schedule],
+            parameters={
+                "config": _absolute(config), "dask_address": dask_address, "workers": workers
+            },
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    except httpx.ConnectError:
+        raise ServeError(f"cannot reach the Prefect server at {PREFECT_API_URL.value()}") from None
+
+
+def _absolute(config: Path | None) -> str | None:
+    """Scheduled runs may start in another folder: pass the config by absolute path."""
+    return str(config.resolve()) if config is not None else None
