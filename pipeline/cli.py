@@ -210,29 +210,81 @@ def regions(
         typer.echo(f"regions plot: {summary.plot_path}")
 
 
+def _settings(**given: Any) -> dict[str, Any]:
+    """The options the user gave (not None): the rest keep the defaults of the step's config."""
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _check_device(device: str) -> None:
+    from models.device import pick_device
+
+    try:
+        pick_device(device)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--device") from None
+
+
+TRAIN_DEFAULT = "Default: TrainConfig's (pipeline/train.py)."
+EVALUATE_DEFAULT = "Default: EvaluateConfig's (pipeline/evaluate.py)."
+
+
 @app.command()
 @reports_user_errors
 def train(
     index: Path = typer.Argument(..., help="Index with regions and splits (`landcover regions`)."),
     method: str = typer.Option("maml", "--method", help="maml, fomaml or pretrain."),
     task: str = typer.Option("segmentation", "--task", help="classification or segmentation."),
-    iterations: int = typer.Option(300, "--iterations", min=1, help="Outer steps (MAML) or batches."),
+    iterations: int | None = typer.Option(
+        None, "--iterations", min=1, help=f"Outer steps (MAML) or batches (pretrain). {TRAIN_DEFAULT}"
+    ),
     seed: int = typer.Option(0, "--seed"),
     size: str = typer.Option("tiny", "--size", help="Model size: tiny (CPU) or base (GPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    validate_every: int | None = typer.Option(
+        None, "--validate-every", min=1, help=f"Iterations between validations (early stopping). {TRAIN_DEFAULT}"
+    ),
+    validation_episodes: int | None = typer.Option(
+        None, "--validation-episodes", min=1, help=f"Validation episodes per validation. {TRAIN_DEFAULT}"
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", min=1, help=f"Iterations between resumable checkpoints. {TRAIN_DEFAULT}"
+    ),
+    n_way: int | None = typer.Option(None, "--n-way", min=1, help=f"Classes per episode. {TRAIN_DEFAULT}"),
+    shots: int | None = typer.Option(
+        None, "--shots", min=1,
+        help=f"Support items (classification) or labelled pixels (segmentation) per class. {TRAIN_DEFAULT}",
+    ),
+    queries: int | None = typer.Option(
+        None, "--queries", min=1, help=f"Classification: query tiles per class. {TRAIN_DEFAULT}"
+    ),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Start from the weights of this run (e.g. MAML from pretrain)."
+    ),
     out: Path = typer.Option(..., "--out", help="Run directory; training resumes if it holds one."),
 ) -> None:
-    """Meta-train (MAML, FOMAML) or pretrain a model; pick its fine-tuning budget on validation."""
+    """Meta-train (MAML, FOMAML) or pretrain a model; pick its fine-tuning budget on validation.
+
+    Run again on the same --out after an interruption, it continues from the last checkpoint.
+    """
+    from pipeline.protocol import EpisodeShape
     from pipeline.train import TrainConfig, train as run_train
 
-    if method not in ("maml", "fomaml", "pretrain"):
-        raise typer.BadParameter("choose maml, fomaml or pretrain", param_hint="--method")
-    if task not in ("classification", "segmentation"):
-        raise typer.BadParameter("choose classification or segmentation", param_hint="--task")
-    config = TrainConfig(
-        method=method, task=task, iterations=iterations, seed=seed, size=size, device=device  # type: ignore[arg-type]
-    )
+    _check_device(device)
+    try:
+        shape = EpisodeShape(**_settings(n_way=n_way, k_shot=shots, q_queries=queries))
+        config = TrainConfig(
+            method=method, task=task, seed=seed, size=size, device=device, shape=shape,  # type: ignore[arg-type]
+            **_settings(
+                iterations=iterations, validate_every=validate_every,
+                validation_episodes=validation_episodes, checkpoint_every=checkpoint_every,
+                init_from=None if init_from is None else str(init_from.resolve()),
+            ),
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     summary = run_train(index, out, config)
+    if summary.resumed_from:
+        typer.echo(f"resumed from iteration {summary.resumed_from}")
     budget = "learned rates" if summary.finetune_lr is None else f"lr {summary.finetune_lr}"
     typer.echo(
         f"wrote {summary.run_dir}: best validation accuracy {summary.validation_accuracy:.3f} at "
@@ -246,9 +298,16 @@ def train(
 def evaluate(
     index: Path = typer.Argument(..., help="Index with regions and splits."),
     more_runs: list[Path] | None = typer.Argument(None, help="More run directories (--runs A B).", show_default=False),
-    runs: list[Path] = typer.Option(..., "--runs", help="Run directories to compare: --runs A B."),
-    shots: str = typer.Option("0,1,2,5,10", "--shots", help="Shot counts to score."),
-    episodes: int = typer.Option(50, "--episodes", min=1, help="Test episodes per shot count."),
+    runs: list[Path] = typer.Option(..., "--runs", help="Run directories to compare: --runs A B or --runs A --runs B."),
+    shots: str | None = typer.Option(None, "--shots", help=f"Shot counts to score, e.g. 0,1,2,5,10. {EVALUATE_DEFAULT}"),
+    episodes: int | None = typer.Option(None, "--episodes", min=1, help=f"Test episodes per shot count. {EVALUATE_DEFAULT}"),
+    validation_episodes: int | None = typer.Option(
+        None, "--validation-episodes", min=1, help=f"Validation episodes to pick random init's budget. {EVALUATE_DEFAULT}"
+    ),
+    n_way: int | None = typer.Option(None, "--n-way", min=1, help=f"Classes per episode. {EVALUATE_DEFAULT}"),
+    queries: int | None = typer.Option(
+        None, "--queries", min=1, help=f"Classification: query tiles per class. {EVALUATE_DEFAULT}"
+    ),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     out: Path = typer.Option(..., "--out", help="Report folder."),
@@ -256,7 +315,17 @@ def evaluate(
     """Score every run and random init on the same test episodes; write a table and a plot."""
     from pipeline.evaluate import EvaluateConfig, evaluate as run_evaluate
 
-    config = EvaluateConfig(shots=_csv(shots, int, "--shots"), episodes=episodes, seed=seed, device=device)
+    _check_device(device)
+    try:
+        config = EvaluateConfig(
+            seed=seed, device=device,
+            **_settings(
+                shots=None if shots is None else _csv(shots, int, "--shots"), episodes=episodes,
+                validation_episodes=validation_episodes, n_way=n_way, q_queries=queries,
+            ),
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--shots" if "shots" in str(error) else None) from None
     report = run_evaluate(index, [*runs, *(more_runs or [])], out, config)
     typer.echo(report.files.table)
     typer.echo(f"results: {report.files.csv}\nreport: {report.files.markdown}\nplot: {report.files.plot}")
@@ -294,12 +363,17 @@ def adapt(
     """Adapt a trained model to a new scene from a few labelled pixels, then map the scene."""
     from pipeline.adapt import MapConfig, adapt as run_adapt
 
+    _check_device(device)
     config = MapConfig(steps=steps, class_column=class_column, device=device, seed=seed)
     result = run_adapt(
         model, image, labels, out, probabilities=probabilities, vector=vector,
         save_adapted=save_adapted, config=config,
     )
     typer.echo(f"adapted on {result.labelled_pixels} labelled pixels in {result.support_windows} windows")
+    if result.nodata_labels:
+        typer.echo(f"note: {result.nodata_labels} labelled pixels lie on the scene's nodata and were ignored", err=True)
+    if result.conflicting_labels:
+        typer.echo(f"note: {result.conflicting_labels} pixels labelled with two classes were ignored", err=True)
     _print_map(result, out)
 
 
@@ -316,7 +390,9 @@ def predict(
     """Map a scene with a model as it is (e.g. one saved by `adapt --save-adapted`)."""
     from pipeline.adapt import MapConfig, predict_map
 
-    result = predict_map(model, image, out, probabilities=probabilities, vector=vector, config=MapConfig(device=device))
+    _check_device(device)
+    config = MapConfig(device=device)
+    result = predict_map(model, image, out, probabilities=probabilities, vector=vector, config=config)
     _print_map(result, out)
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from geo.errors import DataError
 from models.backbones import build_model
-from models.checkpoint import LoadedRun, load_run
+from models.checkpoint import CONFIG, WEIGHTS, LoadedRun, load_run
 from models.device import pick_device
 from models.metrics import mean_ci
 from pipeline.protocol import Budget, EpisodeShape, load_split_index, pick_budget, score_episode
@@ -36,6 +36,16 @@ class EvaluateConfig:
     n_way: int = 4
     q_queries: int = 10
     query_tiles: int = 2
+
+    def __post_init__(self) -> None:
+        """Shot counts sorted and unique (one report row each); impossible settings rejected."""
+        shots = tuple(sorted({int(k) for k in self.shots}))
+        if not shots or shots[0] < 0:
+            raise ValueError(f"shots must be one or more counts >= 0, got {list(self.shots)}")
+        object.__setattr__(self, "shots", shots)
+        for name in ("episodes", "validation_episodes", "n_way", "q_queries", "query_tiles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -66,24 +76,35 @@ def evaluate(
         raise DataError(index_path, "evaluate needs at least one run directory (--runs)")
     device = pick_device(config.device)
     runs = [_load(Path(run_dir), device) for run_dir in run_dirs]
-    task = runs[0].config.task
+    first = runs[0].config
     for run_dir, run in zip(run_dirs, runs):
-        if run.config.task != task or run.config.class_names != runs[0].config.class_names:
-            raise DataError(run_dir, f"is a {run.config.task} run over other classes than {run_dirs[0]}")
+        if run.config.task != first.task or run.config.class_names != first.class_names:
+            raise DataError(
+                run_dir, f"is a {run.config.task} run over other classes than {run_dirs[0]} "
+                f"({first.task}); compare runs of one task and class scheme"
+            )
+    task = first.task
+    methods = [
+        _method(name, Path(run_dir), run) for name, run_dir, run in zip(_names(run_dirs, runs), run_dirs, runs)
+    ]
     data = load_split_index(index_path)
-    if tuple(runs[0].config.class_names) != data.class_names:
-        raise DataError(run_dirs[0], f"was trained on other classes than the index {index_path}")
+    for run_dir, run in zip(run_dirs, runs):
+        if tuple(run.config.class_names) != data.class_names:
+            raise DataError(run_dir, f"was trained on other classes than the index {index_path}")
+        if tuple(run.config.bands) != data.bands:
+            raise DataError(run_dir, f"was trained on other bands than the index {index_path} has")
+    # segmentation samplers label at least one pixel per class, even for a 0-shot-only report
+    least = 1 if task == "segmentation" else 0
     shape = EpisodeShape(
-        n_way=config.n_way, k_shot=max(config.shots), q_queries=config.q_queries,
+        n_way=config.n_way, k_shot=max(max(config.shots), least), q_queries=config.q_queries,
         query_tiles=config.query_tiles,
     )
     budget_shape = EpisodeShape(config.n_way, 5, config.q_queries, config.query_tiles)
     validation = data.episodes("val", task, budget_shape, config.validation_episodes, config.seed + 1)
     test = data.episodes("test", task, shape, config.episodes, seed=config.seed)
 
-    random_model = build_model(runs[0].config.arch, seed=config.seed).to(device)
+    random_model = build_model(first.arch, seed=config.seed).to(device)
     random_budget = pick_budget(random_model, validation)
-    methods = [_method(_names(run_dirs, runs)[i], run) for i, run in enumerate(runs)]
     methods.append(_Method(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))  # type: ignore[arg-type]
     budgets = {m.name: Budget(m.steps, None if isinstance(m.lr, dict) else m.lr, float("nan")) for m in methods}
     budgets[RANDOM_INIT] = random_budget
@@ -106,25 +127,33 @@ def evaluate(
 
 
 def _load(run_dir: Path, device) -> LoadedRun:
-    if not (run_dir / "config.json").exists() or not (run_dir / "weights.pt").exists():
+    if not (run_dir / CONFIG).is_file() or not (run_dir / WEIGHTS).is_file():
         raise DataError(run_dir, "is not a run directory (no config.json and weights.pt): train first")
-    return load_run(run_dir, device)
+    try:
+        return load_run(run_dir, device)
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as error:
+        raise DataError(run_dir, f"is not a readable run directory ({error})") from None
 
 
 def _names(run_dirs: Sequence[Path], runs: Sequence[LoadedRun]) -> list[str]:
-    """Method names for the report; the run folder's name is added when a method repeats."""
+    """Unique method names for the report: the run folder's name (or path) is added when a method
+    repeats."""
     methods = [run.config.method for run in runs]
-    return [
+    names = [
         method if methods.count(method) == 1 else f"{method} ({Path(run_dir).name})"
         for method, run_dir in zip(methods, run_dirs)
     ]
+    return [
+        name if names.count(name) == 1 else f"{method} ({run_dir})"
+        for name, method, run_dir in zip(names, methods, run_dirs)
+    ]
 
 
-def _method(name: str, run: LoadedRun) -> _Method:
+def _method(name: str, run_dir: Path, run: LoadedRun) -> _Method:
     """A run with the fine-tuning budget picked on validation when it was trained."""
     config = run.config
     if config.finetune_steps is None:
-        raise DataError(name, "run has no fine-tuning budget: its training did not finish")
+        raise DataError(run_dir, "has no fine-tuning budget: its training did not finish (run it again)")
     lr = run.inner_lrs if config.finetune_lr is None else config.finetune_lr
     return _Method(name, run.model, config.finetune_steps, lr)
 

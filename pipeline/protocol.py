@@ -47,6 +47,13 @@ class EpisodeShape:
     q_queries: int = 10
     query_tiles: int = 2
 
+    def __post_init__(self) -> None:
+        if self.n_way < 1 or self.query_tiles < 1 or min(self.k_shot, self.q_queries) < 0:
+            raise ValueError(
+                f"bad episode shape: {self.n_way}-way {self.k_shot}-shot, {self.q_queries} queries, "
+                f"{self.query_tiles} query tiles (n_way and query_tiles >= 1, shots and queries >= 0)"
+            )
+
 
 @dataclass
 class SplitIndex:
@@ -77,6 +84,8 @@ class SplitIndex:
         """Per-band mean and standard deviation of a split's pixels, from the index's per-tile
         statistics (law of total variance), so no pixel is read again."""
         names = list(self.metadata["feature_names"])
+        if self.split(split).empty:
+            raise DataError(self.path, f"the {split} split has no tiles")
         features = np.stack([np.asarray(f, dtype=np.float64) for f in self.split(split)["features"]])
         means = features[:, [names.index(f"{band}_mean") for band in self.bands]]
         stds = features[:, [names.index(f"{band}_std") for band in self.bands]]

@@ -34,7 +34,8 @@ def summary_table(results: pd.DataFrame, metric: str = "accuracy") -> str:
                 continue
             mean = by_shots.at[s, metric]
             half = (by_shots.at[s, f"{metric}_high"] - by_shots.at[s, f"{metric}_low"]) / 2
-            cells.append(f"{mean:.3f} ± {half:.3f}")
+            # one episode has no interval: the mean alone
+            cells.append(f"{mean:.3f}" if pd.isna(half) else f"{mean:.3f} ± {half:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

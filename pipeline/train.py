@@ -8,6 +8,7 @@ budget is picked on the validation regions and stored with the weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,15 @@ from tqdm.auto import tqdm
 
 from geo.errors import DataError
 from models.backbones import arch_preset, build_model
-from models.checkpoint import RunConfig, load_config, load_run, load_train_state, save_run, save_train_state
+from models.checkpoint import (
+    CONFIG,
+    RunConfig,
+    load_config,
+    load_run,
+    load_train_state,
+    save_run,
+    save_train_state,
+)
 from models.device import pick_device
 from models.maml import MetaLearner
 from models.pretrain import pretrain_optimizer, pretrain_step
@@ -57,6 +66,30 @@ class TrainConfig:
     init_from: str | None = None
     """A run directory whose weights start training (e.g. MAML from a pretrained model)."""
 
+    def __post_init__(self) -> None:
+        """Reject impossible settings at once (the flow config reports them by key)."""
+        choices = {
+            "method": ("maml", "fomaml", "pretrain"),
+            "task": ("classification", "segmentation"),
+            "size": ("tiny", "base"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        at_least = {
+            "iterations": 1, "validate_every": 1, "validation_episodes": 1, "patience": 1,
+            "checkpoint_every": 1, "meta_batch": 1, "batch_size": 1, "inner_steps": 0,
+        }
+        for name, least in at_least.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        if self.inner_lr <= 0 or self.lr <= 0:
+            raise ValueError(f"inner_lr and lr must be positive, got {self.inner_lr} and {self.lr}")
+        if self.shape.k_shot < 1 or (self.task == "classification" and self.shape.q_queries < 1):
+            raise ValueError(
+                "shape: training episodes need at least 1 shot (and, for classification, 1 query)"
+            )
+
     def settings(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -72,6 +105,8 @@ class TrainSummary:
     finetune_lr: float | None
     seconds: float
     iterations_per_second: float
+    resumed_from: int = 0
+    """The iteration an interrupted run in the same directory had reached (0: a fresh start)."""
 
 
 @dataclass
@@ -85,21 +120,18 @@ class _Progress:
 def train(
     index_path: Path, out_dir: Path, config: TrainConfig = TrainConfig(), *, progress: bool = True
 ) -> TrainSummary:
-    """Train `config.method` on the train split of the index; write weights and config.json."""
+    """Train `config.method` on the train split of the index; write weights and config.json.
+
+    A directory that already holds a run with the same settings continues it (from its last
+    checkpoint) and ends with the weights an uninterrupted run would have; one with other
+    settings is refused before anything is written.
+    """
     out_dir = Path(out_dir)
     data = load_split_index(index_path)
-    device = pick_device(config.device)
-    torch.manual_seed(config.seed)
     mean, std = data.band_statistics("train")
     arch = dataclasses.replace(
         arch_preset(config.size, config.task, len(data.bands), len(data.class_names)),
         input_mean=mean, input_std=std,
-    )
-    model = build_model(arch, seed=config.seed).to(device)
-    if config.init_from is not None:
-        model.load_state_dict(_initial_weights(Path(config.init_from), arch))
-    val_episodes = data.episodes(
-        "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1
     )
     run_config = RunConfig(
         method=config.method, task=config.task, arch=arch,
@@ -112,33 +144,52 @@ def train(
         first_order=config.method == "fomaml",
         settings=config.settings(),
     )
+    saved = _saved_progress(out_dir, run_config)  # refuse a foreign run before any work
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    model = build_model(arch, seed=config.seed).to(device)
+    if config.init_from is not None:
+        model.load_state_dict(_initial_weights(Path(config.init_from), arch))
+    val_episodes = data.episodes(
+        "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1
+    )
     if config.method == "pretrain":
-        trainer = _PretrainTrainer(model, data, config)
+        trainer: _Trainer = _PretrainTrainer(model, data, config)
     else:
         trainer = _MamlTrainer(model, data, config)
-    state = _Progress(**_saved_progress(out_dir, run_config))
+    if saved is None:
+        # claim the directory at once: a kill before the first validation still leaves the
+        # settings that a restart is checked against
+        save_run(out_dir, trainer.model, run_config, trainer.inner_rates())
+        saved = _Progress()
+    state = saved
     start = load_train_state(out_dir, trainer.module, trainer.optimizer)
+    if start > config.iterations:
+        raise DataError(
+            out_dir, f"holds a run already trained for {start} iterations, more than the "
+            f"{config.iterations} asked for; pick a new --out or ask for at least {start}"
+        )
     started = time.perf_counter()
     bar = tqdm(
         total=config.iterations, initial=start, desc=f"train {config.method}",
         disable=not progress, dynamic_ncols=True,
     )
     iteration = start
-    while iteration < config.iterations:
+    stopped = _stale(iteration, state, config)
+    while iteration < config.iterations and not stopped:
         loss = trainer.step(iteration)
         iteration += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", best=f"{state.best_score:.3f}")
         if iteration % config.validate_every == 0 or iteration == config.iterations:
             score = mean_accuracy(model, val_episodes, **trainer.validation_budget())
             if score > state.best_score:
                 state = _Progress(best_score=score, best_iteration=iteration)
                 _save_best(out_dir, trainer, run_config, iteration, state)
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", best=f"{state.best_score:.3f}")
+        stopped = _stale(iteration, state, config)
+        if iteration % config.checkpoint_every == 0 or iteration == config.iterations or stopped:
+            # after the best weights: a checkpoint never runs ahead of config.json
             save_train_state(out_dir, trainer.module, trainer.optimizer, iteration)
-        stale = (iteration - state.best_iteration) // config.validate_every
-        if stale >= config.patience:
-            break
     bar.close()
     seconds = time.perf_counter() - started
     best = load_run(out_dir, device)
@@ -153,19 +204,61 @@ def train(
         best_iteration=state.best_iteration, validation_accuracy=state.best_score,
         finetune_steps=budget.steps, finetune_lr=budget.lr, seconds=seconds,
         iterations_per_second=done / seconds if seconds > 0 and done else 0.0,
+        resumed_from=start,
     )
 
 
-def _saved_progress(out_dir: Path, run_config: RunConfig) -> dict:
-    """The early-stopping state of an earlier, interrupted run in `out_dir` (or a fresh one)."""
-    if not (out_dir / "config.json").exists():
-        return {}
-    saved = load_config(out_dir)
-    if _comparable(saved.settings) != _comparable(run_config.settings):
+def _stale(iteration: int, state: _Progress, config: TrainConfig) -> bool:
+    """Early stopping: `patience` validations in a row without a better score."""
+    return (iteration - state.best_iteration) // config.validate_every >= config.patience
+
+
+def _saved_progress(out_dir: Path, run_config: RunConfig) -> _Progress | None:
+    """The early-stopping state of an earlier run in `out_dir`, None when there is none.
+
+    The earlier run must have the same settings (more iterations or another device may continue
+    it), the same architecture and the same classes, bands and input statistics (same index).
+    """
+    if not (out_dir / CONFIG).exists():
+        return None
+    try:
+        saved = load_config(out_dir)
+    except (ValueError, KeyError, TypeError) as error:
         raise DataError(
-            out_dir, "holds a run with other settings; pick a new --out or remove it to start over"
+            out_dir, f"holds a config.json that is not a training run's ({error}); pick a new --out"
+        ) from None
+    differences = _differences(_identity(saved), _identity(run_config))
+    if differences:
+        raise DataError(
+            out_dir, f"holds a run with other settings ({'; '.join(differences)}); pick a new "
+            "--out, or remove the folder to start over"
         )
-    return {"best_score": saved.validation_accuracy or -1.0, "best_iteration": saved.iterations}
+    best = -1.0 if saved.validation_accuracy is None else saved.validation_accuracy
+    return _Progress(best_score=best, best_iteration=saved.iterations)
+
+
+def _identity(run_config: RunConfig) -> dict:
+    """What must match for a run to continue another, as plain JSON values."""
+    identity = {
+        **_comparable(run_config.settings),
+        "arch": run_config.arch.to_dict(),
+        "class_names": run_config.class_names,
+        "bands": run_config.bands,
+    }
+    return json.loads(json.dumps(identity))
+
+
+def _differences(saved: dict, wanted: dict) -> list[str]:
+    """`key: there -> here` for every setting that differs."""
+    differences = []
+    for key in sorted(set(saved) | set(wanted)):
+        if saved.get(key) == wanted.get(key):
+            continue
+        if key in ("arch", "class_names", "bands"):
+            differences.append(f"{key} differs (another index or model size)")
+        else:
+            differences.append(f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now")
+    return differences
 
 
 def _initial_weights(run_dir: Path, arch) -> dict:
@@ -226,8 +319,9 @@ class _MamlTrainer(_Trainer):
     def step(self, iteration: int) -> float:
         rng = np.random.default_rng([self.config.seed, iteration])
         chosen = rng.choice(self.regions, size=self.config.meta_batch)
+        first = iteration * max(64, self.config.meta_batch)  # episode numbers never repeat
         episodes = [
-            self.sampler.sample(str(region), episode_rng(self.config.seed, str(region), iteration * 64 + slot))
+            self.sampler.sample(str(region), episode_rng(self.config.seed, str(region), first + slot))
             for slot, region in enumerate(chosen)
         ]
         return self.learner.meta_train_step(episodes)

@@ -1,0 +1,147 @@
+"""Training: a killed run resumes to the weights of an uninterrupted one, a run directory with
+other settings is refused, FOMAML records that it is first order, and a run directory holds
+what `evaluate` and `adapt` need (weights that load with `weights_only=True`, a config.json
+with classes, bands, normalisation, architecture and fine-tuning budget)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from models.checkpoint import load_run
+from pipeline.cli import app
+from pipeline.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+RESUMABLE = [
+    "--method", "fomaml", "--iterations", "8", "--validate-every", "4", "--checkpoint-every", "3",
+    "--validation-episodes", "1", "--seed", "0", "--device", "cpu",
+]
+"""Tiny FOMAML settings: checkpoints at 3, 6, 8 and validations at 4, 8, so a kill after the
+first checkpoint usually resumes from behind the best weights already saved."""
+
+
+def flat(output: str) -> str:
+    """CLI output without rich's box drawing and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
+def start_training(index: Path, out: Path, log: Path) -> subprocess.Popen:
+    """`landcover train` in its own process, as a user starts it (one thread, like the others)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pipeline.cli", "train", str(index), *RESUMABLE, "--out", str(out)]
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"training ended (status {process.returncode}) before {path.name}"
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.02)
+
+
+def saved_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "weights.pt", map_location="cpu", weights_only=True)
+
+
+def test_a_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted_run(split_index, tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    uninterrupted = start_training(split_index, whole, tmp_path / "whole.log")  # alongside, same settings
+    first = start_training(split_index, killed, tmp_path / "killed.log")
+    try:
+        wait_for(killed / "train_state.pt", first)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        first.kill()
+    reached = int(torch.load(killed / "train_state.pt", weights_only=True)["iteration"])
+    assert 3 <= reached <= 8, "the kill should land after the first checkpoint"
+    assert json.loads((killed / "config.json").read_text())["finetune_steps"] is None  # unfinished
+
+    again = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", str(split_index), *RESUMABLE, "--out", str(killed)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from iteration {reached}" in again.stdout
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-2000:]
+
+    resumed, reference = saved_weights(killed), saved_weights(whole)
+    assert resumed["model"].keys() == reference["model"].keys()
+    for name, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert resumed["inner_lrs"].keys() == reference["inner_lrs"].keys() and reference["inner_lrs"]
+    for name, rate in reference["inner_lrs"].items():
+        assert torch.equal(resumed["inner_lrs"][name], rate), name
+    config = json.loads((killed / "config.json").read_text())
+    assert config == json.loads((whole / "config.json").read_text())  # budget, best iteration, ...
+    # FOMAML says so in its config
+    assert config["method"] == "fomaml" and config["first_order"] is True
+    assert config["finetune_steps"] is not None and config["settings"]["method"] == "fomaml"
+
+    # the finished run is a run directory of another seed's settings: refused, nothing touched
+    before = {path.name: path.stat().st_mtime_ns for path in killed.iterdir()}
+    other = [*RESUMABLE[:-4], "--seed", "1", "--device", "cpu"]
+    refused = runner.invoke(app, ["train", str(split_index), *other, "--out", str(killed)])
+    assert refused.exit_code == 1
+    message = flat(refused.stderr)
+    assert message.startswith(f"error: {killed}: holds a run with other settings")
+    assert "seed: 0 there, 1 now" in message and "Traceback" not in refused.output
+    assert {path.name: path.stat().st_mtime_ns for path in killed.iterdir()} == before
+
+
+def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(trained_runs):
+    for name, run_dir in trained_runs.items():
+        weights = torch.load(run_dir / "weights.pt", map_location="cpu", weights_only=True)
+        state = torch.load(run_dir / "train_state.pt", map_location="cpu", weights_only=True)
+        assert set(weights) == {"model", "inner_lrs"} and state["iteration"] > 0
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["method"] == name and config["task"] == "segmentation"
+        assert len(config["class_names"]) == len(config["class_colors"]) == config["arch"]["num_classes"]
+        assert len(config["bands"]) == config["arch"]["in_channels"] == len(config["arch"]["input_mean"])
+        assert config["normalisation"]["divide"] == 10000
+        assert config["arch"]["name"] == "unet" and config["first_order"] is False
+        assert config["finetune_steps"] in (3, 10, 25)  # the budget picked on validation
+        run = load_run(run_dir)
+        assert all(torch.equal(run.model.state_dict()[key], value) for key, value in weights["model"].items())
+    maml = json.loads((trained_runs["maml"] / "config.json").read_text())
+    assert maml["inner_steps"] == 3 and maml["learn_inner_lr"] is True
+    assert maml["settings"]["init_from"] == str(trained_runs["pretrain"])
+    assert saved_weights(trained_runs["maml"])["inner_lrs"]  # learned rates travel with the weights
+    assert not saved_weights(trained_runs["pretrain"])["inner_lrs"]
+    # finetune_lr None means "fine-tune at the learned rates", which only MAML has
+    assert json.loads((trained_runs["pretrain"] / "config.json").read_text())["finetune_lr"] is not None
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"method": "reptile"}, "method: 'reptile' is not one of"),
+        ({"validate_every": 0}, "validate_every must be at least 1"),
+        ({"inner_lr": 0.0}, "must be positive"),
+    ],
+)
+def test_impossible_training_settings_are_refused_at_once(settings, problem):
+    with pytest.raises(ValueError, match=problem):
+        TrainConfig(**settings)
+
+
+def test_the_train_command_turns_bad_options_into_usage_errors(split_index, tmp_path):
+    bad_method = runner.invoke(app, ["train", str(split_index), "--method", "reptile", "--out", str(tmp_path / "r")])
+    assert bad_method.exit_code == 2 and "not one of maml, fomaml, pretrain" in flat(bad_method.output)
+    zero = runner.invoke(app, ["train", str(split_index), "--checkpoint-every", "0", "--out", str(tmp_path / "r")])
+    assert zero.exit_code == 2
+    assert not (tmp_path / "r").exists()
