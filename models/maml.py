@@ -130,13 +130,15 @@ class MetaLearner(nn.Module):
 
     `log_lrs` holds one entry per tensor of `model.named_parameters()`, in that order; with
     `learn_inner_lr=False` it is a fixed buffer. Rates are learned in log space so they stay
-    positive.
+    positive, by Adam at `rate_lr` (default `outer_lr`): a log-rate moves about `rate_lr` per
+    step, so at 1e-3 the rates stay at their initial value for a few hundred iterations and
+    need their own, larger rate (Meta-SGD / MAML++ learn them alongside the weights).
     """
 
     def __init__(
         self, model: nn.Module, *, steps: int = 3, inner_lr: float = 0.01,
         learn_inner_lr: bool = True, first_order: bool = False,
-        outer_lr: float = 1e-3, max_grad_norm: float = 10.0,
+        outer_lr: float = 1e-3, max_grad_norm: float = 10.0, rate_lr: float | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -148,7 +150,11 @@ class MetaLearner(nn.Module):
         else:
             self.register_buffer("log_lrs", log_lrs)
         self.trainable = [p for p in self.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.trainable, lr=outer_lr)
+        weights = [p for p in model.parameters() if p.requires_grad]
+        groups: list[dict] = [{"params": weights, "lr": outer_lr}]
+        if learn_inner_lr:
+            groups.append({"params": [self.log_lrs], "lr": outer_lr if rate_lr is None else rate_lr})
+        self.optimizer = torch.optim.Adam(groups, lr=outer_lr)
 
     def inner_lrs(self) -> dict[str, float]:
         """The current inner rate of each parameter tensor, for checkpoints and `finetune`."""
