@@ -77,7 +77,7 @@ def split_index(sen12ms_index: Path, tmp_path_factory: pytest.TempPathFactory) -
     return build_regions(sen12ms_index, out, by="metadata", seed=0).index_path
 
 
-TINY_TRAINING = {"iterations": 30, "validate_every": 10, "validation_episodes": 4, "checkpoint_every": 10}
+TINY_TRAINING = {"iterations": 30, "validate_every": 10, "validation_episodes": 2, "checkpoint_every": 10}
 """Enough to tell the methods apart on the sample data, in seconds on two cores."""
 
 
