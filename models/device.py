@@ -15,7 +15,10 @@ def pick_device(name: str = "auto") -> torch.device:
     """"auto" -> CUDA when present, else CPU; an explicit CUDA request without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: expected 'auto', 'cpu' or 'cuda[:N]'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: torch sees no CUDA GPU here (use 'cpu' or 'auto')")
     if device.type not in ("cpu", "cuda"):

@@ -95,6 +95,13 @@ class Sampler(Protocol):
     def sample(self, region: str, rng: np.random.Generator) -> Episode: ...
 
 
+def _require(sampler: Sampler, region: str) -> None:
+    """Raise EpisodeError with the sampler's explanation when `region` cannot supply an episode."""
+    problem = sampler.shortfall(region)
+    if problem:
+        raise EpisodeError(problem)
+
+
 def _relabel(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Global class ids -> 0..N-1 in the order of `classes`; anything else -> IGNORE_INDEX."""
     lookup = np.full(256, IGNORE_INDEX, dtype=np.int64)
@@ -184,9 +191,7 @@ class ClassificationSampler:
         return total
 
     def sample(self, region: str, rng: np.random.Generator) -> Episode:
-        problem = self.shortfall(region)
-        if problem:
-            raise EpisodeError(problem)
+        _require(self, region)
         classes = np.sort(rng.choice(self._eligible(region), size=self.n_way, replace=False))
         support: list[int] = []
         query: list[int] = []
@@ -298,9 +303,7 @@ class SegmentationSampler(_SegmentationBase):
         )
 
     def sample(self, region: str, rng: np.random.Generator) -> Episode:
-        problem = self.shortfall(region)
-        if problem:
-            raise EpisodeError(problem)
+        _require(self, region)
         classes = np.sort(rng.choice(self._eligible(region), size=self.n_way, replace=False))
         with_enough = self._tiles_with(region, self.k_shot)
         support_tiles: list[int] = []
@@ -360,9 +363,7 @@ class DenseSegmentationSampler(_SegmentationBase):
         )
 
     def sample(self, region: str, rng: np.random.Generator) -> Episode:
-        problem = self.shortfall(region)
-        if problem:
-            raise EpisodeError(problem)
+        _require(self, region)
         order = rng.permutation(self._tiles_of[region])
         query = np.sort(order[: self.query_tiles])
         support = order[self.query_tiles : self.query_tiles + self.k_shot]
