@@ -372,12 +372,6 @@ def test_outputs_that_would_overwrite_an_input_or_each_other_are_refused(
 # --- what adapting buys -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="The fixture's tiny meta-learned run does not beat pretrain on this scene yet (last measured: "
-    "maml 0.835 vs pretrain 0.874 accuracy; run with -s for the current figures); training is being "
-    "tuned. Remove this mark once it passes.",
-    strict=False,
-)
 def test_adapted_maml_maps_the_scene_better_than_adapted_pretrain(
     adapted: Adapted, trained_runs: dict[str, Path], scene_files: SceneFiles,
     tmp_path: Path,

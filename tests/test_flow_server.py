@@ -21,6 +21,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+RUNNER_START_SECONDS = 5
+"""Time for `serve` to go from printing its message to a running runner."""
 CRON = "0 3 * * *"
 STARTUP_SECONDS = 240
 """The first start of a server creates and migrates its SQLite database: slow on busy cores."""
@@ -118,6 +120,15 @@ def test_serve_puts_a_cron_deployment_on_a_real_server(tmp_path: Path, free_port
                 assert not deployment.paused
                 assert deployment.parameters["config"] == str(config.resolve())
                 assert deployment.entrypoint == "flows.flows.end_to_end"
+                # the deployment exists before the runner starts; only a started runner pauses
+                # its schedule on Ctrl-C, so wait for it before stopping
+                _until(
+                    lambda: "being served" in (tmp_path / "serve.log").read_text(errors="replace"),
+                    60,
+                    "serving message",
+                    serving,
+                )
+                time.sleep(RUNNER_START_SECONDS)
             # Ctrl-C stops serving and pauses the schedule, so no run starts without a runner.
             assert serving.returncode is not None
             assert client.read_deployment(deployment.id).paused
