@@ -16,7 +16,7 @@ from geo import readers
 from geo.classes import DEEPGLOBE, DFC10, EUROSAT_CLASSES, IGNORE_INDEX
 from geo.errors import DataError
 from geo.index import read_index
-from geo.sample_data import write_sen12ms
+from geo.sample_data import write_geotiff, write_sen12ms
 
 # DeepGlobe JPEGs have no georeferencing by design
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -47,20 +47,9 @@ IGBP_EXPECTED = {
 
 
 def _write(path: Path, array: np.ndarray, **profile) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count, height, width = array.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=count,
-        dtype=array.dtype,
-        **{**UTM, **profile},
-    ) as dst:
-        dst.write(array)
-    return path
+    """A GeoTIFF in the test's UTM grid, written by the generator's own writer."""
+    settings = {**UTM, **profile}
+    return write_geotiff(path, array, settings.pop("crs"), settings.pop("transform"), **settings)
 
 
 def _sen12ms_pair(folder: Path, lc_band1: np.ndarray, bands: int = 13) -> tuple[Path, Path]:
