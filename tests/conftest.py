@@ -6,14 +6,26 @@ real ingest step. Generated once per session (about ten seconds in all on two co
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
 
 from geo.sample_data import SceneFiles, write_deepglobe, write_eurosat, write_scene, write_sen12ms
 from pipeline.ingest import ingest
 
 pytest_plugins = ["tests.conftest_prefect"]
+
+SUITE_THREADS = 1
+"""One thread for torch and for the BLAS/OpenMP pools everywhere the suite runs: float sums are
+then added in the same order whatever the machine's core count, so seeded results agree between
+machines (and with `OMP_NUM_THREADS=1`). Worker processes (Dask, Prefect) inherit the variable."""
+os.environ["OMP_NUM_THREADS"] = str(SUITE_THREADS)
+torch.set_num_threads(SUITE_THREADS)
+threadpool_limits(SUITE_THREADS)
 
 SEN12MS = {"seed": 0, "regions": 4, "size": 32, "patches_per_region": 64}
 """4 scene ids x 2 seasons = 8 (season, scene) regions of 64 patches of 32 px."""

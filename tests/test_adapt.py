@@ -2,8 +2,8 @@
 
 Real files and the session's tiny trained runs, through the CLI: GIS-ready outputs on the scene's
 grid, the adapted model reproducing its map, determinism, labels by id and in any CRS, every bad
-input refused with nothing written, and the adapted meta-learned model scored against pretrain on
-the dense truth raster.
+input refused with nothing written. Which candidate maps a scene better is a race measured in
+`benchmarks/adapt_scenes.py` over several seeds, not asserted here.
 """
 from __future__ import annotations
 
@@ -367,23 +367,6 @@ def test_outputs_that_would_overwrite_an_input_or_each_other_are_refused(
                     "--out", tmp_path / "map.tif", "--device", "mps")
     assert result.exit_code == 2 and "--device" in result.output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["scene.tif"]
-
-
-# --- what adapting buys -----------------------------------------------------------------------------
-
-
-def test_adapted_maml_maps_the_scene_better_than_adapted_pretrain(
-    adapted: Adapted, trained_runs: dict[str, Path], scene_files: SceneFiles,
-    tmp_path: Path,
-):
-    """Both runs adapted the same way (their own budgets picked on validation, same labels, seed,
-    windows); accuracy on every pixel of the dense truth raster."""
-    baseline = tmp_path / "pretrain.tif"
-    result = invoke(*adapt_args(trained_runs["pretrain"], scene_files, baseline))
-    assert result.exit_code == 0, result.output
-    maml, pretrain = accuracy(adapted.map, scene_files.truth), accuracy(baseline, scene_files.truth)
-    print(f"\nscene accuracy after adapting: maml {maml:.3f}, pretrain {pretrain:.3f}")
-    assert maml > pretrain, f"maml {maml:.3f} vs pretrain {pretrain:.3f}"
 
 
 # --- pieces of the step -------------------------------------------------------------------------------
