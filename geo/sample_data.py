@@ -25,6 +25,28 @@ Data model
   and NIR of vegetation (`SEASON_GREENNESS`) and the brightness of snow (`SNOW_BRIGHTNESS`).
   A SEN12MS scene id appears in two seasons: the same place and class map, other spectra.
 
+Difficulty
+----------
+Every writer takes `difficulty`, a name in `DIFFICULTIES` (a `Difficulty` of the knobs above).
+`default` is the model above with the module constants: classes are well apart and even a
+per-pixel classifier on a few labels maps a place almost perfectly. `hard` is what a real region
+looks like:
+
+* **Low contrast.** Class signatures are pulled towards their common mean (log reflectance, S1
+  dB, DeepGlobe log RGB) to 0.3 of their distance: grassland, savanna and cropland look alike.
+* **Within-class variability.** Objects vary twice as much in brightness and more in colour, the
+  class textures are twice as strong, and each pixel carries 22% noise per band (sensor noise
+  plus the sub-pixel heterogeneity of a real cover). A single pixel is ambiguous; a 3 x 3 to
+  7 x 7 neighbourhood, well inside objects tens of pixels wide, is not.
+* **Mixed pixels.** The ground is seen through a Gaussian footprint (sigma 1.2 px) before the
+  noise, so pixels along a boundary are mixtures of both covers.
+* **Strong shift.** Places move their signatures by the full median class distance (S1 by 3 dB),
+  the atmosphere varies more (gain spread 0.15, haze up to 0.05) and the season factors are
+  squared, so pooled over places and seasons the classes overlap far more.
+
+`hard` draws the same random numbers as `default`, so one seed gives the same class maps and
+labelled points in both; `default` writes the same bytes as before difficulties existed.
+
 Everything is drawn from `numpy.random.SeedSequence([seed, <kind>, <index>])` streams, so the
 same seed writes byte-identical files and asking for more regions leaves the first ones as they
 were.
@@ -105,6 +127,10 @@ between class signatures (in log reflectance). 0 makes every place look alike.""
 OBJECT_VARIATION = 0.07
 """Log-normal spread of the brightness of one object (field, stand, block) of a class."""
 
+OBJECT_BAND_VARIATION = 0.4
+"""Per-band part of an object's spread, relative to its shared brightness: objects differ in
+colour a little, not only in brightness."""
+
 PIXEL_NOISE = 0.025
 """Relative per-pixel, per-band noise."""
 
@@ -113,6 +139,9 @@ ATMOSPHERE_GAIN = 0.06
 
 HAZE = 0.02
 """Largest path-radiance offset at 443 nm; it falls with wavelength to the fourth power."""
+
+S1_SHIFT_DB = 1.5
+"""Spread in dB of the per-place shift of each class's S1 backscatter (moisture, roughness)."""
 
 SPECKLE_LOOKS = 4.4
 """Equivalent number of looks of the S1 GRD speckle (gamma distributed intensity)."""
@@ -181,6 +210,74 @@ EUROSAT_LOOKS: dict[str, tuple[str, str | None, float, bool]] = {
 BLOB_PATCHES = 1.5
 """Class blobs are about this many patches across: most patches get a clear majority class."""
 
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the data is to map: the knobs between a well-separated toy and a real region.
+
+    The defaults are the module constants (the `default` preset); contrast 1, texture 1, mixing 0
+    and season strength 1 leave the signatures exactly as they are, so `default` writes the same
+    bytes as before difficulties existed.
+    """
+
+    contrast: float = 1.0
+    """Factor on each class signature's distance to the mean of all classes, in log reflectance
+    (and in dB for S1, in log RGB for DeepGlobe): below 1, classes look alike, as grassland,
+    savanna and cropland do in a real scene."""
+    object_variation: float = OBJECT_VARIATION
+    """Log-normal spread of one object's brightness: fields and stands of one class differ."""
+    object_band_variation: float = OBJECT_BAND_VARIATION
+    """Per-band part of that spread: objects of one class differ in colour as well."""
+    texture: float = 1.0
+    """Factor on the class texture amplitudes (`TEXTURE`, `DEEPGLOBE_TEXTURE`)."""
+    pixel_noise: float = PIXEL_NOISE
+    """Relative per-pixel, per-band noise (sensor noise plus sub-pixel heterogeneity): what makes a
+    single pixel ambiguous and what a neighbourhood average removes."""
+    mixing: float = 0.0
+    """Sigma in pixels of the Gaussian footprint a pixel integrates the ground over: pixels along
+    a boundary are mixtures of both covers, as a 10 m pixel over a field edge is."""
+    region_shift: float = REGION_SHIFT
+    """Per-place shift of the class signatures, as a fraction of their median distance (after
+    `contrast`): what a few local labels resolve and a pooled model cannot."""
+    s1_shift_db: float = S1_SHIFT_DB
+    """Spread in dB of the per-place shift of the S1 backscatter."""
+    atmosphere_gain: float = ATMOSPHERE_GAIN
+    """Log-normal spread of the per-acquisition illumination gain (shared plus per band)."""
+    haze: float = HAZE
+    """Largest path-radiance offset at 443 nm."""
+    season_strength: float = 1.0
+    """Exponent on the season factors (`SEASON_GREENNESS`, `SNOW_BRIGHTNESS`): above 1 the seasons
+    of one place differ more."""
+
+
+DEFAULT_DIFFICULTY = Difficulty()
+
+DIFFICULTIES: dict[str, Difficulty] = {
+    "default": DEFAULT_DIFFICULTY,
+    "hard": Difficulty(
+        contrast=0.3,
+        object_variation=0.15,
+        object_band_variation=0.8,
+        texture=2.0,
+        pixel_noise=0.22,
+        mixing=1.2,
+        region_shift=1.0,
+        s1_shift_db=3.0,
+        atmosphere_gain=0.15,
+        haze=0.05,
+        season_strength=2.0,
+    ),
+}
+"""Named presets: `default` (well separated, the tests' data) and `hard` (a realistic region)."""
+
+
+def difficulty_preset(name: str) -> Difficulty:
+    """The preset called `name`; a ValueError naming the choices otherwise."""
+    if name not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {name!r}; choose one of {', '.join(DIFFICULTIES)}")
+    return DIFFICULTIES[name]
+
+
 KINDS = ("sen12ms", "deepglobe", "eurosat", "scene")
 _STREAM = {kind: number for number, kind in enumerate(KINDS)}
 _GPKG_DATE = "2000-01-01T00:00:00.000Z"
@@ -224,12 +321,22 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
+def contrast_pull(signatures: np.ndarray, contrast: float) -> np.ndarray:
+    """What to add to (log) class signatures to scale their distance to the class mean by
+    `contrast`; exactly 0 at contrast 1, so the default preset's arithmetic is unchanged."""
+    return (contrast - 1) * (signatures - signatures.mean(axis=0))
+
+
 def draw_shift(
-    rng: np.random.Generator, log_signatures: np.ndarray, present: Sequence[int], basis: np.ndarray
+    rng: np.random.Generator,
+    log_signatures: np.ndarray,
+    present: Sequence[int],
+    basis: np.ndarray,
+    strength: float,
 ) -> np.ndarray:
-    """Per-class log shift of one place: REGION_SHIFT x typical distance, half of it aimed at an
+    """Per-class log shift of one place: `strength` x typical distance, half of it aimed at an
     absent class (pooled over places, classes overlap), half along a random smooth direction."""
-    size = REGION_SHIFT * _typical_distance(log_signatures)
+    size = strength * _typical_distance(log_signatures)
     absent = np.setdiff1d(np.arange(len(log_signatures)), present)
     shifts = np.zeros_like(log_signatures)
     for class_id in range(len(log_signatures)):
@@ -241,30 +348,37 @@ def draw_shift(
     return shifts
 
 
-def draw_place(rng: np.random.Generator, present: Sequence[int]) -> Place:
-    log_shift = draw_shift(rng, np.log(S2_SIGNATURES), present, _spectral_basis(WAVELENGTHS_NM))
-    return Place(log_shift=log_shift, s1_shift_db=rng.normal(0.0, 1.5, S1_SIGNATURES_DB.shape))
+def draw_place(rng: np.random.Generator, present: Sequence[int], difficulty: Difficulty) -> Place:
+    log_signatures = np.log(S2_SIGNATURES)
+    log_signatures = log_signatures + contrast_pull(log_signatures, difficulty.contrast)
+    log_shift = draw_shift(
+        rng, log_signatures, present, _spectral_basis(WAVELENGTHS_NM), difficulty.region_shift
+    )
+    s1_shift_db = rng.normal(0.0, difficulty.s1_shift_db, S1_SIGNATURES_DB.shape)
+    return Place(log_shift=log_shift, s1_shift_db=s1_shift_db)
 
 
-def draw_acquisition(rng: np.random.Generator, season: str) -> Acquisition:
-    gain = np.exp(ATMOSPHERE_GAIN * (rng.standard_normal() + 0.5 * rng.standard_normal(13)))
-    offset = HAZE * rng.uniform(0.1, 1.0) * (WAVELENGTHS_NM[0] / WAVELENGTHS_NM) ** 4
+def draw_acquisition(rng: np.random.Generator, season: str, difficulty: Difficulty) -> Acquisition:
+    spread = difficulty.atmosphere_gain
+    gain = np.exp(spread * (rng.standard_normal() + 0.5 * rng.standard_normal(13)))
+    offset = difficulty.haze * rng.uniform(0.1, 1.0) * (WAVELENGTHS_NM[0] / WAVELENGTHS_NM) ** 4
     return Acquisition(season=season, gain=gain, offset=offset)
 
 
-def season_signatures(season: str) -> np.ndarray:
-    """S2_SIGNATURES as a season shows them: vegetation greener in summer, snow fresh in winter."""
-    signatures = S2_SIGNATURES.copy()
-    greenness = SEASON_GREENNESS[season]
+def season_signatures(season: str, difficulty: Difficulty = DEFAULT_DIFFICULTY) -> np.ndarray:
+    """S2_SIGNATURES, at the difficulty's class contrast, as a season shows them: vegetation
+    greener in summer, snow fresh in winter."""
+    signatures = S2_SIGNATURES * np.exp(contrast_pull(np.log(S2_SIGNATURES), difficulty.contrast))
+    greenness = SEASON_GREENNESS[season] ** difficulty.season_strength
     signatures[np.ix_(VEGETATION, RED_EDGE_NIR)] *= greenness
     signatures[VEGETATION, RED] /= greenness
-    signatures[SNOW_ICE, VISIBLE_NIR] *= SNOW_BRIGHTNESS[season]
+    signatures[SNOW_ICE, VISIBLE_NIR] *= SNOW_BRIGHTNESS[season] ** difficulty.season_strength
     return signatures
 
 
-def place_signatures(place: Place, season: str) -> np.ndarray:
+def place_signatures(place: Place, season: str, difficulty: Difficulty) -> np.ndarray:
     """The 10 x 13 class signatures of one place in one season."""
-    return season_signatures(season) * np.exp(place.log_shift)
+    return season_signatures(season, difficulty) * np.exp(place.log_shift)
 
 
 # --- landscapes -----------------------------------------------------------------------------
@@ -369,7 +483,9 @@ def texture_field(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarra
     return (field / max(float(field.std()), 1e-12)).astype(np.float32)
 
 
-def draw_landscape(rng: np.random.Generator, class_map: np.ndarray, scale: float) -> Landscape:
+def draw_landscape(
+    rng: np.random.Generator, class_map: np.ndarray, scale: float, difficulty: Difficulty
+) -> Landscape:
     """Objects, their brightness (with an IGBP sub-type each) and texture for a class map."""
     parcels = voronoi_objects(rng, class_map.shape, max(scale / 2, 2.0))
     objects = parcels * DFC10.num_classes + class_map
@@ -381,8 +497,9 @@ def draw_landscape(rng: np.random.Generator, class_map: np.ndarray, scale: float
         [codes_of[c][int(p * len(codes_of[c]))] for c, p in zip(object_class, pick)],
         dtype=np.uint16,
     )
-    log_gain = OBJECT_VARIATION * (
-        rng.standard_normal((count, 1)) + 0.4 * rng.standard_normal((count, 13))
+    log_gain = difficulty.object_variation * (
+        rng.standard_normal((count, 1))
+        + difficulty.object_band_variation * rng.standard_normal((count, 13))
     )
     gain = (np.exp(log_gain) * IGBP_GAIN[igbp][:, None]).astype(np.float32)
     return Landscape(class_map, objects, gain, igbp, texture_field(rng, class_map.shape))
@@ -393,17 +510,46 @@ def render_s2(
     land: Landscape,
     signatures: np.ndarray,
     acquisition: Acquisition,
+    difficulty: Difficulty,
     window: tuple[slice, slice] = (slice(None), slice(None)),
 ) -> np.ndarray:
     """uint16 (13, H, W) reflectance x 10000 of a window of a landscape (never 0: 0 is nodata)."""
-    classes = land.class_map[window]
-    reflectance = signatures.astype(np.float32)[classes] * land.object_gain[land.objects[window]]
-    reflectance *= (1 + TEXTURE.astype(np.float32)[classes] * land.texture[window])[..., None]
-    reflectance *= 1 + PIXEL_NOISE * rng.standard_normal(reflectance.shape, dtype=np.float32)
+    # mixing reads the ground around the window too, so patches cut from one landscape abut
+    grown, inner = _grow(window, land.class_map.shape, math.ceil(4 * difficulty.mixing))
+    classes = land.class_map[grown]
+    reflectance = signatures.astype(np.float32)[classes] * land.object_gain[land.objects[grown]]
+    texture = (difficulty.texture * TEXTURE).astype(np.float32)
+    reflectance *= (1 + texture[classes] * land.texture[grown])[..., None]
+    reflectance = mix_pixels(reflectance, difficulty.mixing)[inner]
+    reflectance *= 1 + difficulty.pixel_noise * rng.standard_normal(
+        reflectance.shape, dtype=np.float32
+    )
     reflectance = reflectance * acquisition.gain.astype(np.float32) + acquisition.offset.astype(
         np.float32
     )
     return to_digital_numbers(reflectance.transpose(2, 0, 1))
+
+
+def _grow(
+    window: tuple[slice, slice], shape: tuple[int, int], margin: int
+) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """`window` grown by `margin` px on each side (clipped to `shape`), and where the window lies
+    inside the grown one."""
+    grown, inner = [], []
+    for part, length in zip(window, shape):
+        start, stop, _ = part.indices(length)
+        low, high = max(start - margin, 0), min(stop + margin, length)
+        grown.append(slice(low, high))
+        inner.append(slice(start - low, stop - low))
+    return (grown[0], grown[1]), (inner[0], inner[1])
+
+
+def mix_pixels(image: np.ndarray, sigma: float) -> np.ndarray:
+    """(H, W, bands) ground seen through a Gaussian footprint of `sigma` px: a pixel on a boundary
+    is a mixture of the covers on both sides. Sigma 0 sees the ground as it is."""
+    if sigma <= 0:
+        return image
+    return ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0), mode="nearest")
 
 
 def to_digital_numbers(reflectance: np.ndarray) -> np.ndarray:
@@ -415,10 +561,12 @@ def render_s1(
     land: Landscape,
     place: Place,
     season: str,
+    difficulty: Difficulty,
     window: tuple[slice, slice],
 ) -> np.ndarray:
     """float32 (2, H, W) VV, VH in dB with per-object variation and gamma speckle."""
-    mean_db = S1_SIGNATURES_DB + place.s1_shift_db
+    contrasted_db = S1_SIGNATURES_DB + contrast_pull(S1_SIGNATURES_DB, difficulty.contrast)
+    mean_db = contrasted_db + place.s1_shift_db
     if season in SEASONS[:2]:  # wet snow in spring and summer scatters little
         mean_db[SNOW_ICE] -= 5.0
     classes, objects = land.class_map[window], land.objects[window]
@@ -523,9 +671,11 @@ def write_sen12ms(
     regions: int = 6,
     size: int = 32,
     patches_per_region: int = 64,
+    difficulty: str = "default",
 ) -> Path:
     """SEN12MS layout: `regions` scene ids, each seen in two seasons, `patches_per_region` patches
     of `size` px per (season, scene) cut on a grid from one per-scene map, s1 + s2 + lc files."""
+    preset = difficulty_preset(difficulty)
     out = Path(out)
     rows, cols = grid_shape(patches_per_region)
     setup = _rng(seed, "sen12ms")
@@ -539,21 +689,21 @@ def write_sen12ms(
         class_map = class_fields_map(
             rng, classes, (rows * size, cols * size), scale, equal, block=size
         )
-        land = draw_landscape(rng, class_map, scale=scale)
-        place = draw_place(rng, classes)
+        land = draw_landscape(rng, class_map, scale, preset)
+        place = draw_place(rng, classes, preset)
         crs = utm_crs(zone, south)
         left, top = utm_origin(rng, south, cols * size * 10)
         lc = _lc_bands(land)
         for season in sorted(rng.choice(SEASONS, size=2, replace=False)):
-            acquisition = draw_acquisition(rng, str(season))
-            signatures = place_signatures(place, str(season))
+            acquisition = draw_acquisition(rng, str(season), preset)
+            signatures = place_signatures(place, str(season), preset)
             for patch in range(patches_per_region):
                 row, col = divmod(patch, cols)
                 window = (slice(row * size, (row + 1) * size), slice(col * size, (col + 1) * size))
                 transform = _origin_transform(left + col * size * 10, top - row * size * 10, 10, 10)
                 for kind, array in (
-                    ("s2", render_s2(rng, land, signatures, acquisition, window)),
-                    ("s1", render_s1(rng, land, place, str(season), window)),
+                    ("s2", render_s2(rng, land, signatures, acquisition, preset, window)),
+                    ("s1", render_s1(rng, land, place, str(season), preset, window)),
                     ("lc", lc[(slice(None), *window)]),
                 ):
                     name = f"{season}_{kind}_{scene_id}_p{patch}.tif"
@@ -570,10 +720,17 @@ def _lc_bands(land: Landscape) -> np.ndarray:
 
 
 def write_deepglobe(
-    out: str | Path, *, seed: int = 0, regions: int = 4, size: int = 256, images_per_region: int = 4
+    out: str | Path,
+    *,
+    seed: int = 0,
+    regions: int = 4,
+    size: int = 256,
+    images_per_region: int = 4,
+    difficulty: str = "default",
 ) -> Path:
     """DeepGlobe layout: `<id>_sat.jpg` + `<id>_mask.png` (jittered class colours, a little
     Unknown); each region has a colour cast and its own class looks, as clustered regions need."""
+    preset = difficulty_preset(difficulty)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     setup = _rng(seed, "deepglobe")
@@ -581,21 +738,24 @@ def write_deepglobe(
     subsets = deal_classes(setup, regions, DEEPGLOBE.num_classes, 3, 5)
     phases = setup.uniform(0, 2 * np.pi)
     log_looks = np.log(DEEPGLOBE_LOOKS)
+    log_looks = log_looks + contrast_pull(log_looks, preset.contrast)
     colours = np.array(DEEPGLOBE.colors, dtype=np.int16)
     for region, classes in enumerate(subsets):
         rng = _rng(seed, "deepglobe", region)
         angle = phases + 2 * np.pi * region / regions + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
         tint = DEEPGLOBE_TINT * np.cos(angle) + rng.normal(0, 0.1)
-        looks = np.exp(log_looks + draw_shift(rng, log_looks, classes, np.eye(3)) + tint)
+        shift = draw_shift(rng, log_looks, classes, np.eye(3), preset.region_shift)
+        looks = np.exp(log_looks + shift + tint)
         fractions = rng.dirichlet(np.full(len(classes), 40.0))
         for image_id in ids[region * images_per_region : (region + 1) * images_per_region]:
             class_map = class_fields_map(
                 rng, classes, (size, size), scale=size / 4, fractions=fractions
             )
-            land = draw_landscape(rng, class_map, scale=size / 4)
-            texture = 1 + DEEPGLOBE_TEXTURE[class_map] * land.texture
+            land = draw_landscape(rng, class_map, size / 4, preset)
+            texture = 1 + preset.texture * DEEPGLOBE_TEXTURE[class_map] * land.texture
             rgb = looks[class_map] * land.object_gain[land.objects][..., :3] * texture[..., None]
-            rgb *= 1 + PIXEL_NOISE * rng.standard_normal(rgb.shape)
+            rgb = mix_pixels(rgb, preset.mixing)
+            rgb *= 1 + preset.pixel_noise * rng.standard_normal(rgb.shape)
             _write_image(
                 out / f"{image_id}_sat.jpg", np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "JPEG"
             )
@@ -633,10 +793,17 @@ def jitter_colours(rng: np.random.Generator, mask: np.ndarray, amount: int = 6) 
 
 
 def write_eurosat(
-    out: str | Path, *, seed: int = 0, regions: int = 3, size: int = 64, patches_per_class: int = 8
+    out: str | Path,
+    *,
+    seed: int = 0,
+    regions: int = 3,
+    size: int = 64,
+    patches_per_class: int = 8,
+    difficulty: str = "default",
 ) -> Path:
     """EuroSAT layout `root/<ClassName>/<ClassName>_<n>.tif`: 13-band uint16 UTM patches, each
     mostly one class; a region is a UTM zone with its own place shift and atmosphere."""
+    preset = difficulty_preset(difficulty)
     out = Path(out)
     setup = _rng(seed, "eurosat")
     zones = utm_zones(setup, regions)
@@ -644,8 +811,8 @@ def write_eurosat(
     places, acquisitions = [], []
     for region, season in enumerate(seasons):
         rng = _rng(seed, "eurosat", region)
-        places.append(draw_place(rng, range(DFC10.num_classes)))
-        acquisitions.append(draw_acquisition(rng, str(season)))
+        places.append(draw_place(rng, range(DFC10.num_classes), preset))
+        acquisitions.append(draw_acquisition(rng, str(season), preset))
     for number, name in enumerate(EUROSAT_CLASSES):
         main, other, share, stripe = EUROSAT_LOOKS[name]
         for patch in range(patches_per_class):
@@ -655,13 +822,13 @@ def write_eurosat(
             if other is not None:
                 where = _stripe(rng, size, share) if stripe else _blob(rng, size, share)
                 class_map[where] = DFC10.class_id(other)
-            land = draw_landscape(rng, class_map, scale=size / 2)
-            signatures = place_signatures(places[region], str(seasons[region]))
+            land = draw_landscape(rng, class_map, size / 2, preset)
+            signatures = place_signatures(places[region], str(seasons[region]), preset)
             zone, south = zones[region]
             left, top = utm_origin(rng, south, size * 10)
             write_geotiff(
                 out / name / f"{name}_{patch + 1}.tif",
-                render_s2(rng, land, signatures, acquisitions[region]),
+                render_s2(rng, land, signatures, acquisitions[region], preset),
                 utm_crs(zone, south),
                 _origin_transform(left, top, 10, 10),
             )
@@ -691,19 +858,26 @@ class SceneFiles:
 
 
 def write_scene(
-    out: str | Path, *, seed: int = 0, size: int = 512, points_per_class: int = 5
+    out: str | Path,
+    *,
+    seed: int = 0,
+    size: int = 512,
+    points_per_class: int = 5,
+    difficulty: str = "default",
 ) -> SceneFiles:
     """A `size` x `size` 13-band uint16 UTM scene of an unseen place (nodata=0 along a swath edge),
     `points_per_class` labelled points per class in EPSG:4326 (`class` column, DFC-10 names) and a
     uint8 truth raster (255 on nodata) on the scene grid."""
+    preset = difficulty_preset(difficulty)
     out = Path(out)
     rng = _rng(seed, "scene")
     classes = deal_classes(rng, 1, DFC10.num_classes, 4, 6)[0]
     class_map = class_fields_map(rng, classes, (size, size), scale=BLOB_PATCHES * 32)
-    land = draw_landscape(rng, class_map, scale=BLOB_PATCHES * 32)
-    place = draw_place(rng, classes)
+    land = draw_landscape(rng, class_map, BLOB_PATCHES * 32, preset)
+    place = draw_place(rng, classes, preset)
     season = str(rng.choice(SEASONS))
-    image = render_s2(rng, land, place_signatures(place, season), draw_acquisition(rng, season))
+    signatures = place_signatures(place, season, preset)
+    image = render_s2(rng, land, signatures, draw_acquisition(rng, season, preset), preset)
     rows, cols = np.mgrid[:size, :size]
     nodata = cols < size * (0.02 + 0.08 * rows / size)  # the slanted edge of a satellite swath
     image[:, nodata] = 0
@@ -763,8 +937,10 @@ def generate(
     seed: int = 0,
     regions: int | None = None,
     size: int | None = None,
+    difficulty: str = "default",
 ) -> Path:
-    """Write sample data of `kind` under `out`; `regions`/`size` override the kind's defaults."""
+    """Write sample data of `kind` under `out`; `regions`/`size` override the kind's defaults,
+    `difficulty` names a preset of `DIFFICULTIES`."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     options = {
@@ -773,8 +949,8 @@ def generate(
     if kind == "scene":
         if regions is not None:
             raise ValueError("a scene is one region: --regions does not apply")
-        return write_scene(out, seed=seed, **options).image.parent
+        return write_scene(out, seed=seed, difficulty=difficulty, **options).image.parent
     writer = {"sen12ms": write_sen12ms, "deepglobe": write_deepglobe, "eurosat": write_eurosat}[
         kind
     ]
-    return writer(out, seed=seed, **options)
+    return writer(out, seed=seed, difficulty=difficulty, **options)

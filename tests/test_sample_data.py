@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import geopandas as gpd
@@ -11,12 +13,15 @@ import numpy as np
 import pytest
 import rasterio
 from PIL import Image
+from scipy import ndimage
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
+from typer.testing import CliRunner
 
 from geo import sample_data
 from geo.classes import DEEPGLOBE, DFC10, EUROSAT_CLASSES, IGBP_TO_DFC10
 from geo.index import read_index
+from pipeline.cli import app
 
 SEN12MS_NAME = re.compile(r"(ROIs\d{4}_[a-z]+)/(s1|s2|lc)_(\d+)/\1_\2_\3_p\d+\.tif$")
 
@@ -190,7 +195,8 @@ def test_region_shift_strength_is_what_pooling_trips_over(
         return _few_shot_and_pooled(frame)[1]
 
     shifted = pooled_accuracy("shifted")
-    monkeypatch.setattr(sample_data, "REGION_SHIFT", 0.0)
+    flat = replace(sample_data.DIFFICULTIES["default"], region_shift=0.0)
+    monkeypatch.setitem(sample_data.DIFFICULTIES, "default", flat)
     assert pooled_accuracy("flat") >= shifted + 0.1
 
 
@@ -280,3 +286,138 @@ def test_scene_files(scene_files: sample_data.SceneFiles) -> None:
     utm = points.to_crs(image.crs)
     rows, cols = rasterio.transform.rowcol(image.transform, utm.geometry.x, utm.geometry.y)
     assert [DFC10.names[labels[r, c]] for r, c in zip(rows, cols)] == list(points["class"])
+
+
+# --- difficulty -------------------------------------------------------------------------------
+
+DEFAULT_DIGEST = "5542775087ec6fbfc2c06a8eb1f576f618ad33ad97425b65e278999f7bf8919c"
+"""sha256 of the pixels `_pixel_digest` reads, written by the generator before difficulties
+existed: the default preset must keep every seed's data as it was (a numpy release that changes
+its random streams would change it too)."""
+
+
+def _pixel_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.tif")):
+        with rasterio.open(path) as src:
+            digest.update(path.name.encode())
+            digest.update(src.read().tobytes())
+    return digest.hexdigest()
+
+
+def test_default_difficulty_writes_what_the_generator_always_wrote(tmp_path: Path) -> None:
+    sample_data.write_scene(tmp_path / "scene", seed=0, size=32)
+    sample_data.write_sen12ms(
+        tmp_path / "sen12ms", seed=0, regions=1, size=16, patches_per_region=1
+    )
+    sample_data.write_eurosat(tmp_path / "eurosat", seed=0, regions=1, size=16, patches_per_class=1)
+    assert _pixel_digest(tmp_path) == DEFAULT_DIGEST
+
+
+@pytest.mark.parametrize(
+    ("write", "options"),
+    [
+        (sample_data.write_sen12ms, {"regions": 1, "size": 16, "patches_per_region": 2}),
+        (sample_data.write_deepglobe, {"regions": 1, "size": 32, "images_per_region": 1}),
+        (sample_data.write_eurosat, {"regions": 1, "size": 16, "patches_per_class": 1}),
+        (lambda out, **options: sample_data.write_scene(out, **options).image.parent, {"size": 48}),
+    ],
+    ids=["sen12ms", "deepglobe", "eurosat", "scene"],
+)
+def test_difficulty_default_is_the_default_and_hard_is_deterministic(
+    write, options: dict, tmp_path: Path
+) -> None:
+    implicit = _tree(write(tmp_path / "implicit", seed=2, **options))
+    explicit = _tree(write(tmp_path / "explicit", seed=2, difficulty="default", **options))
+    hard = _tree(write(tmp_path / "hard", seed=2, difficulty="hard", **options))
+    hard_again = _tree(write(tmp_path / "hard_again", seed=2, difficulty="hard", **options))
+    assert implicit and implicit == explicit
+    assert hard == hard_again
+    # the same files and labels (same random draws), other images
+    assert hard.keys() == implicit.keys()
+    for name in hard:
+        is_label = any(part in name for part in ("lc_", "_mask.png", "labels.gpkg", "truth.tif"))
+        assert (hard[name] == implicit[name]) == is_label, name
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Reflectance (13, H, W) and truth of one place in each difficulty: same seed, same map."""
+    loaded = {}
+    for difficulty in ("default", "hard"):
+        files = sample_data.write_scene(
+            tmp_path_factory.mktemp(difficulty), seed=0, size=128, difficulty=difficulty
+        )
+        with rasterio.open(files.image) as image, rasterio.open(files.truth) as truth:
+            loaded[difficulty] = (image.read().astype(np.float64) / 10000, truth.read(1))
+    return loaded
+
+
+def _pixel_accuracy(image: np.ndarray, truth: np.ndarray) -> float:
+    """Nearest class mean per pixel (standardised bands), the means taken from the truth: how
+    far apart the classes are, whatever a few labels would find."""
+    valid = truth != 255
+    x, y = image[:, valid].T, truth[valid]
+    classes = np.unique(y)
+    means = np.stack([x[y == c].mean(0) for c in classes])
+    distance = (((x[:, None] - means[None]) / x.std(0)) ** 2).sum(-1)
+    return float((classes[distance.argmin(1)] == y).mean())
+
+
+def test_hard_classes_overlap_per_pixel_but_separate_in_a_neighbourhood(scenes: dict) -> None:
+    assert np.array_equal(scenes["default"][1], scenes["hard"][1])
+    default, hard = (_pixel_accuracy(*scenes[name]) for name in ("default", "hard"))
+    assert default >= 0.95
+    assert hard <= default - 0.15
+    image, truth = scenes["hard"]
+    neighbourhood = ndimage.uniform_filter(image, size=(1, 5, 5), mode="nearest")
+    assert _pixel_accuracy(neighbourhood, truth) >= hard + 0.05  # solvable with context
+
+
+def _boundary_position(image: np.ndarray, truth: np.ndarray) -> float:
+    """Mean position of the pixels of class a touching class b on the line from a's mean (0) to
+    b's mean (1), means taken well inside the classes: 0 for pure pixels, up to 0.5 for mixed."""
+    classes = [c for c in np.unique(truth) if c != 255]
+    inside = {
+        c: image[:, ndimage.binary_erosion(truth == c, iterations=4)].mean(1) for c in classes
+    }
+    positions = []
+    for a in classes:
+        for b in classes:
+            edge = (truth == a) & ndimage.binary_dilation(truth == b)
+            if a == b or edge.sum() < 20:
+                continue
+            direction = inside[b] - inside[a]
+            positions.append((image[:, edge].T - inside[a]) @ direction / (direction @ direction))
+    return float(np.concatenate(positions).mean())
+
+
+def test_hard_pixels_along_boundaries_are_mixtures(scenes: dict) -> None:
+    assert abs(_boundary_position(*scenes["default"])) < 0.1
+    assert _boundary_position(*scenes["hard"]) > 0.25
+
+
+def test_unknown_difficulty_is_refused(tmp_path: Path) -> None:
+    for write in (
+        sample_data.write_sen12ms,
+        sample_data.write_deepglobe,
+        sample_data.write_eurosat,
+        sample_data.write_scene,
+    ):
+        with pytest.raises(ValueError, match="unknown difficulty 'extreme'.*default, hard"):
+            write(tmp_path / "out", difficulty="extreme")
+    with pytest.raises(ValueError, match="default, hard"):
+        sample_data.generate("scene", tmp_path / "out", difficulty="extreme")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_sample_data_difficulty(tmp_path: Path) -> None:
+    runner = CliRunner()
+    common = ["sample-data", "--kind", "scene", "--size", "32"]
+    wrong = runner.invoke(app, [*common, str(tmp_path / "x"), "--difficulty", "extreme"])
+    assert wrong.exit_code == 2 and "default, hard" in wrong.output
+    assert not (tmp_path / "x").exists()
+    made = runner.invoke(app, [*common, str(tmp_path / "hard"), "--difficulty", "hard"])
+    assert made.exit_code == 0, made.output
+    expected = sample_data.write_scene(tmp_path / "direct", seed=0, size=32, difficulty="hard")
+    assert _tree(tmp_path / "hard") == _tree(expected.image.parent)
