@@ -2,7 +2,9 @@
 
 Three kinds, as in the paper: classification (N-way K-shot with Q queries per class, the label of
 a tile being its majority class), sparse segmentation (K labelled pixels per class on support
-tiles, dense query tiles) and DeepGlobe-style dense segmentation (K fully labelled support tiles).
+tiles, dense query tiles) and DeepGlobe-style dense segmentation (K fully labelled support tiles);
+and scene-like episodes (`SceneSampler`: every class of one acquisition, K spread-out labelled
+pixels each, as `landcover adapt` builds its support), for validation that carries over to adapt.
 
 Every episode relabels its classes 0..N-1 in the order of `Episode.classes` (the global class ids),
 so a model with one head over all classes restricts its logits to `logits[:, classes]`.
@@ -379,6 +381,118 @@ class DenseSegmentationSampler(_SegmentationBase):
             query_images=self._images(query),
             query_labels=_relabel(self._masks(query), classes),
         )
+
+
+class SceneSampler(_SegmentationBase):
+    """Scene-like sparse segmentation episodes, built the way `landcover adapt` builds its support.
+
+    `adapt` maps a new scene from K labelled points per class: every class of the scene is
+    present, the points are spread over the scene, support windows (grid cells) hold only their
+    own cell's labels and the map is scored on every other pixel. Validation on N-way episodes of
+    a few small tiles does not resemble that, so a fine-tuning budget picked on them does not carry
+    over; episodes of this sampler do. One acquisition of the region is drawn (a SEN12MS
+    (season, scene); any other source's region is one scene), then up to `max_tiles` of its
+    tiles. The classes are all those with K + 1 labelled pixels over the tiles; K of each are
+    labelled, spread over as many tiles as possible (round-robin), preferring pixels whose 3x3
+    neighbourhood is of the same class, as a careful labeller would. Each tile holding a support
+    pixel is one support window (a grid cell of adapt, tile size = window size); the queries are
+    all the drawn tiles, labelled everywhere but on the support pixels.
+
+    A scene qualifies when two classes each have K + 1 pixels within one tile: then a draw always
+    holds two classes (when the first `max_tiles` tiles of the random order do not, one such
+    tile of each of the first two classes met in that order is moved to its front).
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        tiles: TileCache,
+        *,
+        k_shot: int,
+        max_tiles: int = 16,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        if k_shot < 1 or max_tiles < 2:
+            raise ValueError(f"bad episode shape: {k_shot} pixels per class, at most {max_tiles} tiles")
+        super().__init__(frame, tiles, class_names)
+        self.k_shot, self.max_tiles = k_shot, max_tiles
+        sen12ms = frame["source"].eq("sen12ms") if "source" in frame else pd.Series(False, frame.index)
+        acquisition = (frame["season"].astype(str) + "/" + frame["scene"].astype(str)).where(sen12ms, "")
+        self._scenes: dict[str, list[np.ndarray]] = {}
+        """Per region, the row positions of each acquisition."""
+        groups = frame.groupby([frame["region"].astype(str), acquisition.to_numpy()]).indices
+        for (region, _), positions in sorted(groups.items()):
+            self._scenes.setdefault(region, []).append(np.asarray(positions, dtype=np.int64))
+
+    def _rich(self, positions: np.ndarray) -> np.ndarray:
+        """(tiles, classes) bool: the tile holds K + 1 pixels of the class."""
+        return self._counts[positions] > self.k_shot
+
+    def _qualifies(self, positions: np.ndarray) -> bool:
+        return int((self._rich(positions).any(axis=0)).sum()) >= 2
+
+    def shortfall(self, region: str) -> str | None:
+        scenes = self._scenes.get(region)
+        if scenes is None:
+            return f"region {region} is not in this sampler's tiles"
+        if any(self._qualifies(scene) for scene in scenes):
+            return None
+        most = self._counts[self._tiles_of[region]].max(axis=0)
+        return (
+            f"region {region} has no scene ({len(scenes)} in it) with 2 classes of at least "
+            f"{self.k_shot + 1} labelled pixels in one tile ({self.k_shot} support + 1 query); "
+            f"most pixels of a class in one tile: "
+            f"{_describe({c: int(n) for c, n in enumerate(most) if n}, self.class_names)}"
+        )
+
+    def _draw_tiles(self, scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        order = rng.permutation(scene)
+        if not self._qualifies(order[: self.max_tiles]):
+            rich = self._rich(order)
+            first = np.where(rich.any(axis=0), rich.argmax(axis=0), len(order))  # per class
+            anchors = np.unique(np.sort(first)[:2])
+            order = np.concatenate([order[anchors], np.delete(order, anchors)])
+        return np.sort(order[: self.max_tiles])
+
+    def sample(self, region: str, rng: np.random.Generator) -> Episode:
+        _require(self, region)
+        scenes = [scene for scene in self._scenes[region] if self._qualifies(scene)]
+        chosen = self._draw_tiles(scenes[int(rng.integers(len(scenes)))], rng)
+        classes = np.flatnonzero(self._counts[chosen].sum(axis=0) > self.k_shot).astype(np.int64)
+        dense = _relabel(self._masks(chosen), classes)
+        support = np.full_like(dense, IGNORE_INDEX)
+        for label in range(len(classes)):
+            support.flat[_spread_pixels(dense, label, self.k_shot, rng)] = label
+        holds = (support != IGNORE_INDEX).any(axis=(1, 2))
+        return Episode(
+            region=region,
+            classes=classes,
+            support_images=self._images(chosen[holds]),
+            support_labels=support[holds],
+            query_images=self._images(chosen),
+            query_labels=np.where(support == IGNORE_INDEX, dense, IGNORE_INDEX),
+            sparse_support=True,
+        )
+
+
+def _spread_pixels(labels: np.ndarray, label: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Flat indices of `count` pixels of `label` in `labels` (tiles, H, W), dealt round-robin over
+    the tiles holding it (in a random order), inside each tile pixels whose 3x3 neighbourhood is
+    all `label` first (a careful labeller keeps away from class edges), then at random."""
+    same = np.pad(labels == label, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    height, width = labels.shape[1:]
+    interior = np.logical_and.reduce(
+        [same[:, r : r + height, c : c + width] for r in range(3) for c in range(3)]
+    )
+    pixels = np.flatnonzero(labels == label)
+    tile = pixels // (height * width)
+    # within each tile: interior pixels first, then a random order; rank = place in its tile
+    within = np.lexsort((rng.random(len(pixels)), ~interior.flat[pixels], tile))
+    rank = np.empty(len(pixels), dtype=np.int64)
+    starts = np.searchsorted(tile[within], tile[within])
+    rank[within] = np.arange(len(pixels)) - starts
+    turn = rng.permutation(len(labels))[tile]  # the tiles' order in each round
+    return pixels[np.lexsort((turn, rank))[:count]]
 
 
 def fewer_shots(episode: Episode, shots: int, *, seed: int = 0) -> Episode:

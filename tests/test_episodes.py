@@ -19,6 +19,7 @@ from tasks.episodes import (
     DenseSegmentationSampler,
     Episode,
     EpisodeError,
+    SceneSampler,
     SegmentationSampler,
     TileCache,
     capable_regions,
@@ -298,3 +299,128 @@ def test_tile_cache_reads_tiles_by_index_label(sen12ms):
     assert sen12ms.tiles.images([]).shape == (0, 13, 32, 32)
     with pytest.raises(ValueError, match="unique index"):
         TileCache(pd.concat([rows.head(2), rows.head(2)]))
+
+
+# --- scene-like episodes -----------------------------------------------------------------------
+
+
+def scene_rows(data: Indexed, split: str) -> pd.DataFrame:
+    """A split's rows with one region per SEN12MS scene id: two acquisitions (seasons) each."""
+    return data.split(split).assign(region=lambda rows: rows["scene"].astype(str))
+
+
+def interior(masks: np.ndarray) -> np.ndarray:
+    """Pixels whose 3x3 neighbourhood inside the tile is all of their own value."""
+    padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    height, width = masks.shape[1:]
+    return np.all(
+        [padded[:, r : r + height, c : c + width] == masks for r in range(3) for c in range(3)], axis=0
+    )
+
+
+def test_scene_episodes_label_k_spread_pixels_of_every_class_of_one_acquisition(sen12ms):
+    rows = scene_rows(sen12ms, "val")
+    k_shot, max_tiles = 4, 12
+    sampler = SceneSampler(rows, sen12ms.tiles, k_shot=k_shot, max_tiles=max_tiles, class_names=sen12ms.names)
+    acquisitions: set[tuple[str, str]] = set()
+    for episode in sample_episodes(sampler, sorted(rows["region"].unique()), 6, seed=0):
+        region_rows = rows[rows["region"] == episode.region]
+        assert region_rows[["season", "scene"]].drop_duplicates().shape[0] == 2
+        query = trace(sen12ms, region_rows, episode.query_images)
+        assert len(query) == len(set(query)) == max_tiles
+        drawn = {tuple(pair) for pair in rows.loc[query, ["season", "scene"]].to_numpy()}
+        assert len(drawn) == 1
+        acquisitions |= drawn
+        masks = sen12ms.tiles.masks(query)
+        counts = np.bincount(masks[masks != IGNORE_INDEX], minlength=len(sen12ms.names))
+        assert episode.classes.tolist() == np.flatnonzero(counts > k_shot).tolist()
+        n_way = len(episode.classes)
+        assert episode.sparse_support and n_way >= 2
+
+        # the support: the query tiles holding a support pixel, K true labels per class
+        support = trace(sen12ms, region_rows, episode.support_images)
+        labels = episode.support_labels
+        assert set(support) <= set(query) and (labels != IGNORE_INDEX).any(axis=(1, 2)).all()
+        assert [(labels == label).sum() for label in range(n_way)] == [k_shot] * n_way
+        truth = relabel(sen12ms.tiles.masks(support), episode.classes)
+        labelled = labels != IGNORE_INDEX
+        assert (labels[labelled] == truth[labelled]).all()
+        for label in range(n_way):  # round-robin: as many tiles as the class's pixels allow
+            holders = int((relabel(masks, episode.classes) == label).any(axis=(1, 2)).sum())
+            assert len(np.unique(np.nonzero(labels == label)[0])) == min(k_shot, holders)
+        # away from class edges: a pixel on an edge only where its tile has no unused inner one
+        inner = interior(truth)
+        for tile, row, col in zip(*np.nonzero(labelled & ~inner)):
+            same_class = truth[tile] == labels[tile, row, col]
+            assert not (same_class & inner[tile] & ~labelled[tile]).any()
+        assert (labelled & inner).sum() > labelled.sum() // 2  # the sample data has inner pixels
+
+        # the queries: every labelled pixel of the episode's classes but the support pixels
+        expected = relabel(masks, episode.classes)
+        for position, tile in enumerate(support):
+            expected[query.index(tile)][labelled[position]] = IGNORE_INDEX
+        assert np.array_equal(episode.query_labels, expected)
+        assert (episode.query_labels != IGNORE_INDEX).sum() == counts[episode.classes].sum() - n_way * k_shot
+    assert len(acquisitions) == 2  # both seasons of the region were drawn, never mixed
+
+
+def test_scene_episodes_are_a_function_of_the_rng_and_cut_to_fewer_shots(sen12ms):
+    rows = scene_rows(sen12ms, "val")
+    region = sorted(rows["region"].unique())[0]
+    make = lambda: SceneSampler(rows, TileCache(sen12ms.frame), k_shot=5, max_tiles=8)  # noqa: E731
+    a = make().sample(region, episode_rng(1, region, 0))
+    b = make().sample(region, episode_rng(1, region, 0))
+    c = make().sample(region, episode_rng(1, region, 1))
+    assert same(a, b) and not same(a, c)
+
+    for shots in (1, 3):
+        cut = fewer_shots(a, shots, seed=2)
+        assert [(cut.support_labels == label).sum() for label in range(len(a.classes))] == [shots] * len(a.classes)
+        kept = cut.support_labels != IGNORE_INDEX
+        assert (cut.support_labels[kept] == a.support_labels[kept]).all()
+        assert np.array_equal(cut.support_images, a.support_images)
+        assert np.array_equal(cut.query_labels, a.query_labels) and np.array_equal(cut.classes, a.classes)
+
+
+def test_scene_draw_always_holds_two_classes_even_when_few_tiles_could(sen12ms):
+    rows = scene_rows(sen12ms, "val")
+    region = sorted(rows["region"].unique())[0]
+    k_shot = 1000  # only nearly pure tiles hold K + 1 pixels of a class
+    counts = np.stack(rows["class_counts"].map(np.asarray))
+    rich = counts > k_shot
+    pairs = rich[:, None, :] | rich[None, :, :]  # what two tiles hold, pixel counts aside
+    assert (pairs.sum(axis=2) >= 2).mean() < 0.5  # most random pairs of tiles would not do
+    sampler = SceneSampler(rows, sen12ms.tiles, k_shot=k_shot, max_tiles=2)
+    for number in range(10):
+        episode = sampler.sample(region, episode_rng(0, region, number))
+        assert len(episode.query_images) == 2 and len(episode.classes) >= 2
+        assert [(episode.support_labels == label).sum() for label in range(len(episode.classes))] == [
+            k_shot
+        ] * len(episode.classes)
+
+
+def test_scene_shortfall_names_the_region_and_its_classes(sen12ms, deepglobe):
+    rows = scene_rows(sen12ms, "val")
+    regions = sorted(rows["region"].unique())
+    greedy = SceneSampler(rows, sen12ms.tiles, k_shot=32 * 32, class_names=sen12ms.names)
+    assert capable_regions(greedy, regions) == []
+    message = greedy.shortfall(regions[0])
+    assert message is not None and f"region {regions[0]} has no scene (2 in it)" in message
+    present = np.flatnonzero(np.stack(rows["class_counts"].map(np.asarray)).sum(axis=0))
+    assert all(sen12ms.names[c] in message for c in present)
+    with pytest.raises(EpisodeError, match=f"region {regions[0]} "):
+        greedy.sample(regions[0], episode_rng(0, regions[0], 0))
+    with pytest.raises(EpisodeError, match="no region can supply an episode"):
+        list(sample_episodes(greedy, regions, 1, seed=0))
+    assert SceneSampler(rows, sen12ms.tiles, k_shot=4).shortfall("elsewhere") == (
+        "region elsewhere is not in this sampler's tiles"
+    )
+
+    # other sources: a region is one scene, its tiles drawn across its images
+    dg = deepglobe.split("train")
+    dg_region = dg["region"].value_counts().index[0]
+    region_rows = dg[dg["region"] == dg_region]
+    assert region_rows["scene"].nunique() > 1
+    episode = SceneSampler(dg, deepglobe.tiles, k_shot=4, max_tiles=16).sample(dg_region, episode_rng(0, dg_region, 0))
+    drawn = trace(deepglobe, region_rows, episode.query_images)
+    assert len(drawn) == min(16, len(region_rows)) and dg.loc[drawn, "scene"].nunique() > 1
