@@ -54,6 +54,10 @@ class RunConfig:
     finetune_lr: float | None = None
     validation_accuracy: float | None = None
     """Mean validation accuracy of these weights (early stopping keeps the best)."""
+    head_penalty: float | None = None
+    head_scale: float | None = None
+    """Ridge penalty and logit scale of the closed-form head a run was meta-trained through
+    (R2-D2); None for runs without one, whose closed-form variant is a logistic head."""
     settings: dict[str, Any] = field(default_factory=dict)
     """The training settings as given, for the record."""
 

@@ -1,25 +1,31 @@
-"""The `adapt` and `predict` steps: fine-tune a trained model on a few labelled pixels of a new
-scene, then map the whole scene into GIS-ready files.
+"""The `adapt` and `predict` steps: adapt to a new scene from a few labelled pixels, check on the
+labels themselves how good each way of adapting is, and map the whole scene into GIS-ready files.
 
-Adaptation is `models.finetune.finetune`, the very function evaluation scores every method with,
-on support windows cut around the labels; the loss sees the labelled pixels only. The map covers
-only the classes the user labelled, as an episode's prediction covers only its classes.
+Candidates (`pipeline.candidates`): each given run fine-tuned (`models.finetune.finetune`, the
+very function evaluation scores every method with, on support windows cut around the labels) and
+with a closed-form head on its features, and the per-pixel classifier on the bands. Spatially
+blocked cross-validation on the labels (`pipeline.crossval`) scores them all on the same folds;
+the best maps the scene (or the first, with pick="first"), and `MAP.report.json` / `.md` say
+what each candidate is estimated to score. The map covers only the classes the user labelled.
 
-Every input is checked (model, scene, bands, labels, output paths) before anything is written, so
-a user mistake leaves the output folder as it was. Labelled pixels on the scene's nodata are
-dropped (and counted): the model never sees what lies under them.
+Every input is checked (models, scene, bands, labels, output paths) before anything is written,
+so a user mistake leaves the output folder as it was. Labelled pixels on the scene's nodata are
+dropped (and counted): no candidate sees what lies under them.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import torch
 from rasterio.windows import Window
 
-from geo.classes import IGNORE_INDEX, SCHEMES, ClassScheme
+from geo.atomic import atomic_output
+from geo.classes import DFC10, IGNORE_INDEX, SCHEMES, ClassScheme
 from geo.errors import DataError
 from geo.export import style_path, write_polygons
 from geo.labels import LabelledPixels, read_labels
@@ -27,10 +33,24 @@ from geo.readers import scale_image
 from geo.windows import SceneMap, predict_scene
 from models.checkpoint import TRAIN_STATE, LoadedRun, RunConfig, load_run, save_run
 from models.device import pick_device
-from models.finetune import finetune, predict
+from models.finetune import predict
+from pipeline.candidates import (
+    PIXEL,
+    Candidate,
+    FinetuneCandidate,
+    HeadCandidate,
+    LinearScores,
+    PixelCandidate,
+    Predictor,
+    run_candidates,
+)
+from pipeline.crossval import DEFAULT_FOLDS, DEFAULT_SPACING, LabelledScene, cross_validate
+from pipeline.map_report import MapReport, MapReportInput, report_paths, write_map_report
 
 ADAPTED_CLASSES = "adapted_classes"
 """Key in an adapted run's settings: the global class ids its map is restricted to."""
+ADAPTED_HEAD = "head.pt"
+"""File of an adapted run whose map comes from a closed-form head, not the fine-tuned weights."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,21 @@ class MapConfig:
     batch_size: int = 8
     device: str = "auto"
     seed: int = 0
+    pick: str = "best"
+    """"best": map with the candidate of best cross-validated accuracy; "first": the --model's
+    first variant (fine-tuned, for a run); or a candidate's name (e.g. "r2d2 head", "pixel")."""
+    check: bool = True
+    """Cross-validate the candidates on the labels (spatially blocked folds) and write a report."""
+    folds: int = DEFAULT_FOLDS
+    spacing: float = DEFAULT_SPACING
+    pixel: bool = True
+    """The classical per-pixel classifier is always a candidate: a map never silently loses to it."""
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError(f"folds must be at least 2, got {self.folds}")
+        if self.spacing < 0:
+            raise ValueError(f"spacing must be >= 0 pixels, got {self.spacing}")
 
 
 @dataclass(frozen=True)
@@ -63,36 +98,46 @@ class MapResult:
     """Labelled pixels dropped because the scene holds no data there."""
     conflicting_labels: int = 0
     """Pixels labelled with two different classes, dropped (see `geo.labels.LabelledPixels`)."""
+    chosen: str = ""
+    """The candidate that made the map."""
+    report: MapReport | None = None
 
 
 def adapt(
-    model_dir: Path,
+    model_dir: Path | str,
     image: Path,
     labels: Path,
     out: Path,
     *,
+    compare: Sequence[Path | str] = (),
     probabilities: Path | None = None,
     vector: Path | None = None,
     save_adapted: Path | None = None,
     config: MapConfig = MapConfig(),
 ) -> MapResult:
-    """Fine-tune the run in `model_dir` on the labels of `image` and map the scene to `out`.
+    """Adapt every candidate (`model_dir` and `compare`: run directories or "pixel"; the pixel
+    classifier joins them unless `config.pixel` is False) to the labels
+    of `image`, cross-validate them on spatially blocked folds of the labels, map the scene with
+    the best (or the first) and write the map, its report and the optional outputs.
 
     The adapted model is saved (with `save_adapted`) only once the map is written.
     """
+    sources = _unique_sources([model_dir, *compare, *([PIXEL] if config.pixel else [])])
     _check_outputs(
         {"--out": out, "--probabilities": probabilities, "--vector": vector},
-        {"--model": model_dir, "--image": image, "--labels": labels},
+        {"--model": model_dir, "--image": image, "--labels": labels, **{f"--compare {s}": s for s in sources[1:] if s != PIXEL}},
+        reports=config.check,
     )
+    runs = {source: _load(Path(source), config.device) for source in sources if source != PIXEL}
     if save_adapted is not None:
-        _check_adapted_dir(Path(save_adapted), Path(model_dir))
-    run = _load(model_dir, config.device)
-    scheme = _scheme(run.config)
-    _check_bands(image, run.config)
-    steps = config.steps if config.steps is not None else run.config.finetune_steps
-    if steps is None:
-        raise DataError(model_dir, "has no fine-tuning budget (its training did not finish): give --steps")
-    stride = _stride(run.config)
+        if not runs:
+            raise DataError(labels, "--save-adapted needs a run among --model/--compare (the pixel classifier alone is not a run)")
+        for source in runs:
+            _check_adapted_dir(Path(save_adapted), Path(source))
+    for source, run in runs.items():
+        _check_bands(image, run.config)
+    scheme = _common_scheme(runs)
+    stride = max([_stride(run.config) for run in runs.values()], default=1)
     if config.support_window < stride or config.support_window % stride:
         raise ValueError(f"support_window ({config.support_window}) must be a multiple of the model's stride ({stride})")
     pixels = read_labels(labels, image, scheme, config.class_column)
@@ -102,21 +147,142 @@ def adapt(
     kept = dataclasses.replace(
         pixels, rows=pixels.rows[on_data], cols=pixels.cols[on_data], class_ids=pixels.class_ids[on_data]
     )
-    classes = np.unique(kept.class_ids).astype(np.int64)
-    support_x, support_y = support_windows(image, kept, classes, config.support_window)
-    lr = config.lr if config.lr is not None else _budget_rate(run)
-    tuned = finetune(run.model, support_x, support_y, classes, steps=steps, lr=lr, seed=config.seed)
-    result = _map(tuned, run.config, image, out, scheme, classes, probabilities, vector, config)
+    candidates = _candidates(sources, runs, config)
+    named = [candidate.name for candidate in candidates]
+    if config.pick not in ("best", "first", *named):
+        raise DataError(labels, f"--pick {config.pick!r} is not best, first or a candidate: {', '.join(named)}")
+    window, _ = _scene_window(image, config, stride)
+    scene = labelled_scene(image, kept, config.support_window, window)
+    validation = (
+        cross_validate(candidates, scene, spacing=config.spacing, folds=config.folds) if config.check else None
+    )
+    best = validation.best() if validation is not None else None
+    wanted = {"best": best.name if best else named[0], "first": named[0]}.get(config.pick, config.pick)
+    chosen = candidates[named.index(wanted)]
+    everything = np.ones(len(scene), dtype=bool)
+    predictor = chosen.fit(scene.support(everything, context=chosen.fits_on_context))
+    result = _map(predictor, image, out, scheme, scene.classes, probabilities, vector, config, stride)
+    report = None
+    if validation is not None:
+        report = write_map_report(
+            out, MapReportInput(
+                scene=image, labels=labels, class_names=scheme.names, classes=scene.classes,
+                targets=scene.targets, validation=validation, chosen=chosen.name, pick=config.pick,
+                descriptions={c.name: c.describe() for c in candidates},
+            ),
+        )
     adapted_dir = None
     if save_adapted is not None:
-        settings = {**run.config.settings, ADAPTED_CLASSES: classes.tolist(), "adapted_from": str(model_dir)}
-        adapted_config = dataclasses.replace(run.config, method=f"{run.config.method} adapted", settings=settings)
-        save_run(save_adapted, tuned, adapted_config, run.inner_lrs)
-        adapted_dir = Path(save_adapted)
+        adapted_dir = _save_adapted(Path(save_adapted), chosen, predictor, runs, scene, model_dir)
     return dataclasses.replace(
-        result, labelled_pixels=len(kept), support_windows=len(support_x), adapted_dir=adapted_dir,
-        nodata_labels=int((~on_data).sum()), conflicting_labels=pixels.conflicting,
+        result, labelled_pixels=len(kept), support_windows=len(scene.support_images), adapted_dir=adapted_dir,
+        nodata_labels=int((~on_data).sum()), conflicting_labels=pixels.conflicting, chosen=chosen.name,
+        report=report,
     )
+
+
+def _unique_sources(given: Sequence[Path | str]) -> list[str]:
+    """Candidate sources as strings, the --model first, each once."""
+    sources: list[str] = []
+    for source in given:
+        text = str(source)
+        if text not in sources:
+            sources.append(text)
+    return sources
+
+
+def _candidates(sources: Sequence[str], runs: dict[str, LoadedRun], config: MapConfig) -> list[Candidate]:
+    """Each run's fine-tuned and closed-form variants (named by the run's folder), and the pixel
+    classifier, in the order given."""
+    names = _run_names(list(runs))
+    candidates: list[Candidate] = []
+    for source in sources:
+        if source == PIXEL:
+            candidates.append(PixelCandidate())
+            continue
+        run = runs[source]
+        if config.steps is not None or config.lr is not None:
+            steps = config.steps if config.steps is not None else run.config.finetune_steps
+            budget = {"finetune_steps": steps, "finetune_lr": config.lr if config.lr is not None else run.config.finetune_lr}
+            run = dataclasses.replace(run, config=dataclasses.replace(run.config, **budget))
+        if run.config.finetune_steps is None:
+            raise DataError(Path(source), "has no fine-tuning budget (its training did not finish): give --steps")
+        candidates += run_candidates(run, names[source], source=source, seed=config.seed)
+    return candidates
+
+
+def _run_names(sources: Sequence[str]) -> dict[str, str]:
+    """Short names for runs in reports: the folder's name, or its path where two names clash."""
+    names = {source: Path(source).name or source for source in sources}
+    clash = {name for name in names.values() if list(names.values()).count(name) > 1}
+    return {source: source if name in clash else name for source, name in names.items()}
+
+
+def _common_scheme(runs: dict[str, LoadedRun]) -> ClassScheme:
+    """The class scheme every run shares (DFC-10 when only the pixel classifier is asked for)."""
+    if not runs:
+        return DFC10
+    (first, first_run), *others = runs.items()
+    for source, run in others:
+        if run.config.class_names != first_run.config.class_names or run.config.bands != first_run.config.bands:
+            raise DataError(Path(source), f"has other classes or bands than {first}: compare runs of one class scheme and bands")
+    return _scheme(first_run.config)
+
+
+def labelled_scene(image: Path, pixels: LabelledPixels, support_size: int, context_size: int) -> LabelledScene:
+    """The labelled pixels with their support windows and prediction-size context windows."""
+    classes = np.unique(pixels.class_ids).astype(np.int64)
+    support_images, support_at = cut_windows(image, pixels, support_size)
+    context_images, context_at = cut_windows(image, pixels, context_size)
+    return LabelledScene(
+        classes=classes, targets=np.searchsorted(classes, pixels.class_ids), rows=pixels.rows, cols=pixels.cols,
+        support_images=support_images, support_at=support_at,
+        context_images=context_images, context_at=context_at,
+    )
+
+
+def support_windows(
+    image: Path, pixels: LabelledPixels, classes: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of `size` pixels on a grid over the scene, those holding labels, with their
+    labels as 0..N-1 in the order of `classes` and 255 elsewhere (see `cut_windows`)."""
+    images, at = cut_windows(image, pixels, size)
+    labels = np.full((len(images), size, size), IGNORE_INDEX, dtype=np.int64)
+    labels[at[:, 0], at[:, 1], at[:, 2]] = np.searchsorted(classes, pixels.class_ids)
+    return images, labels
+
+
+def cut_windows(image: Path, pixels: LabelledPixels, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled windows of `size` pixels on a grid over the scene, those holding labels, and where
+    each label lies in them ((n, 3): window, row, column). A grid (not one window per label)
+    reads every labelled pixel once, however close the labels lie: a cell's window is moved back
+    to end at the scene's edge, and a label belongs to its own cell's window only. A scene
+    smaller than `size` gives windows of `size` padded with zeros."""
+    images = []
+    at = np.zeros((len(pixels), 3), dtype=np.int64)
+    cell_rows, cell_cols = pixels.rows // size, pixels.cols // size
+    with rasterio.open(image) as src:
+        for number, (window, (cell_row, cell_col)) in enumerate(_cell_windows(pixels, size)):
+            images.append(scale_image(src.read(window=window, boundless=True, fill_value=0)))
+            inside = (cell_rows == cell_row) & (cell_cols == cell_col)
+            at[inside] = np.column_stack([
+                np.full(int(inside.sum()), number), pixels.rows[inside] - int(window.row_off),
+                pixels.cols[inside] - int(window.col_off),
+            ])
+    return np.stack(images), at
+
+
+def _cell_windows(pixels: LabelledPixels, size: int) -> list[tuple[Window, tuple[int, int]]]:
+    """Per grid cell holding labels: its `size` window inside the scene (where it fits), and the
+    cell's (row, column) on the grid."""
+    grid = pixels.grid
+    cells = sorted(set(zip((pixels.rows // size).tolist(), (pixels.cols // size).tolist())))
+    windows = []
+    for cell_row, cell_col in cells:
+        row = max(0, min(cell_row * size, grid.height - size))
+        col = max(0, min(cell_col * size, grid.width - size))
+        windows.append((Window(col, row, size, size), (cell_row, cell_col)))
+    return windows
 
 
 def predict_map(
@@ -128,51 +294,22 @@ def predict_map(
     vector: Path | None = None,
     config: MapConfig = MapConfig(),
 ) -> MapResult:
-    """Map a scene with a model as it is (an adapted one keeps to the classes it was adapted to)."""
+    """Map a scene with a model as it is: an adapted one keeps to the classes it was adapted to,
+    and maps with its closed-form head when adapting chose one."""
     _check_outputs(
         {"--out": out, "--probabilities": probabilities, "--vector": vector},
-        {"--model": model_dir, "--image": image},
+        {"--model": model_dir, "--image": image}, reports=False,
     )
     run = _load(model_dir, config.device)
     _check_bands(image, run.config)
     scheme = _scheme(run.config)
     adapted = run.config.settings.get(ADAPTED_CLASSES)
     classes = np.asarray(adapted if adapted else range(scheme.num_classes), dtype=np.int64)
-    return _map(run.model, run.config, image, out, scheme, classes, probabilities, vector, config)
-
-
-def support_windows(
-    image: Path, pixels: LabelledPixels, classes: np.ndarray, size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of `size` pixels on a grid over the scene, those holding labels, with their
-    labels as 0..N-1 in the order of `classes` and 255 elsewhere. A grid (not one window per
-    label) reads every labelled pixel once, however close the labels lie: a cell's window is
-    moved back to end at the scene's edge, and only its own cell's labels count in it. A scene
-    smaller than `size` gives windows of `size` padded with zeros (unlabelled)."""
-    lookup = np.full(256, IGNORE_INDEX, dtype=np.int64)
-    lookup[classes] = np.arange(len(classes))
-    images, labels = [], []
-    with rasterio.open(image) as src:
-        for window, (skip_rows, skip_cols) in _cell_windows(pixels, size):
-            images.append(scale_image(src.read(window=window, boundless=True, fill_value=0)))
-            cell_labels = lookup[pixels.raster(window)]
-            cell_labels[:skip_rows] = IGNORE_INDEX
-            cell_labels[:, :skip_cols] = IGNORE_INDEX
-            labels.append(cell_labels)
-    return np.stack(images), np.stack(labels)
-
-
-def _cell_windows(pixels: LabelledPixels, size: int) -> list[tuple[Window, tuple[int, int]]]:
-    """Per grid cell holding labels: its `size` window inside the scene (where it fits), and the
-    rows/columns at the window's top/left that belong to the previous cell."""
-    grid = pixels.grid
-    cells = sorted(set(zip((pixels.rows // size).tolist(), (pixels.cols // size).tolist())))
-    windows = []
-    for cell_row, cell_col in cells:
-        row = max(0, min(cell_row * size, grid.height - size))
-        col = max(0, min(cell_col * size, grid.width - size))
-        windows.append((Window(col, row, size, size), (cell_row * size - row, cell_col * size - col)))
-    return windows
+    predictor = _saved_head(Path(model_dir), run, len(classes))
+    if predictor is None:
+        model = run.model
+        predictor = lambda batch: predict(model, batch, classes, batch_size=config.batch_size)  # noqa: E731
+    return _map(predictor, image, out, scheme, classes, probabilities, vector, config, _stride(run.config))
 
 
 def _on_data(image: Path, pixels: LabelledPixels, size: int) -> np.ndarray:
@@ -192,15 +329,14 @@ def _on_data(image: Path, pixels: LabelledPixels, size: int) -> np.ndarray:
 
 
 def _map(
-    model, run_config: RunConfig, image: Path, out: Path, scheme: ClassScheme, classes: np.ndarray,
-    probabilities: Path | None, vector: Path | None, config: MapConfig,
+    predictor: Predictor, image: Path, out: Path, scheme: ClassScheme, classes: np.ndarray,
+    probabilities: Path | None, vector: Path | None, config: MapConfig, stride: int,
 ) -> MapResult:
-    window, overlap = _scene_window(image, config, _stride(run_config))
+    window, overlap = _scene_window(image, config, stride)
 
     def predict_batch(batch: np.ndarray) -> np.ndarray:
         scores = np.full((batch.shape[0], scheme.num_classes, *batch.shape[2:]), -np.inf, np.float32)
-        chosen = predict(model, batch, classes, batch_size=config.batch_size)
-        scores[:, classes] = np.log(np.clip(chosen, 1e-12, None))
+        scores[:, classes] = np.log(np.clip(predictor(batch), 1e-12, None))
         return scores
 
     try:
@@ -217,6 +353,45 @@ def _map(
     )
 
 
+def _save_adapted(
+    folder: Path, chosen: Candidate, predictor: Predictor, runs: dict[str, LoadedRun],
+    scene: LabelledScene, model_dir: Path | str,
+) -> Path:
+    """The chosen candidate as a run `predict` maps with: the fine-tuned weights, or the run's
+    network with the fitted head beside it (`head.pt`; for the pixel classifier, on the bands)."""
+    source = getattr(chosen, "source", None) or next(iter(runs))
+    run = runs[source]
+    model = chosen.tuned_model(scene.support(np.ones(len(scene), bool), context=False)) if isinstance(chosen, FinetuneCandidate) else run.model
+    settings = {
+        **run.config.settings, ADAPTED_CLASSES: scene.classes.tolist(), "adapted_from": str(model_dir),
+        "adapted_candidate": chosen.name,
+    }
+    adapted_config = dataclasses.replace(run.config, method=f"{run.config.method} adapted", settings=settings)
+    save_run(folder, model, adapted_config, run.inner_lrs)
+    head = folder / ADAPTED_HEAD
+    if isinstance(predictor, LinearScores):
+        features = "bands" if isinstance(chosen, PixelCandidate) else "network"
+        with atomic_output(head) as tmp:
+            torch.save({"features": features, **predictor.state()}, tmp)
+    else:
+        head.unlink(missing_ok=True)
+    return folder
+
+
+def _saved_head(run_dir: Path, run: LoadedRun, count: int) -> LinearScores | None:
+    """The closed-form head an adapted run maps with, None when it maps with its weights."""
+    path = run_dir / ADAPTED_HEAD
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        features = state.pop("features")
+    except Exception as error:  # torch raises many unrelated types for a bad file
+        raise DataError(path, f"not a landcover head (refused to load): {type(error).__name__}: {error}") from None
+    featurize = (lambda images: images) if features == "bands" else HeadCandidate("", run.model).featurize
+    return LinearScores.from_state(state, count, featurize)
+
+
 def _scene_window(image: Path, config: MapConfig, stride: int) -> tuple[int, int]:
     """The prediction window and overlap: `config`'s, cut to a scene smaller than the window so
     that windows hold scene pixels, not zero padding; always a multiple of the model's stride."""
@@ -231,11 +406,16 @@ def _stride(config: RunConfig) -> int:
     return 2 ** config.arch.encoder_depth if config.arch.name == "unet" else 1
 
 
-def _check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path]) -> None:
-    """Outputs (and the QGIS style beside the map) must be distinct and overwrite no input."""
+def _check_outputs(
+    outputs: dict[str, Path | None], inputs: dict[str, Path | str], *, reports: bool
+) -> None:
+    """Outputs (and the QGIS style and reports beside the map) must be distinct and overwrite no input."""
     out = outputs["--out"]
+    assert out is not None
     named = {option: Path(path).resolve() for option, path in outputs.items() if path is not None}
     named["the map's style"] = style_path(out).resolve()
+    if reports:
+        named.update({f"the map's {kind} report": path.resolve() for kind, path in report_paths(out).items()})
     given = {option: Path(path).resolve() for option, path in inputs.items()}
     seen: dict[Path, str] = {}
     for option, path in named.items():
@@ -261,7 +441,7 @@ def _check_adapted_dir(save_adapted: Path, model_dir: Path) -> None:
 
 def _load(model_dir: Path, device: str) -> LoadedRun:
     if not (Path(model_dir) / "config.json").is_file() or not (Path(model_dir) / "weights.pt").is_file():
-        raise DataError(model_dir, "is not a run directory (no config.json and weights.pt)")
+        raise DataError(model_dir, f"is not a run directory (no config.json and weights.pt), nor `{PIXEL}`")
     torch_device = pick_device(device)
     try:
         run = load_run(model_dir, torch_device)
@@ -293,12 +473,3 @@ def _check_bands(image: Path, config: RunConfig) -> None:
             f"has {count} bands but the model was trained on {len(config.bands)} "
             f"({', '.join(config.bands)})",
         )
-
-
-def _budget_rate(run: LoadedRun) -> float | dict[str, float]:
-    """The run's fine-tuning rate: its scalar budget, or its learned per-tensor rates."""
-    if run.config.finetune_lr is not None:
-        return run.config.finetune_lr
-    if run.inner_lrs:
-        return run.inner_lrs
-    return run.config.inner_lr or 0.01

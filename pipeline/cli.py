@@ -112,14 +112,24 @@ def sample_data(
     size: int | None = typer.Option(
         None, "--size", min=16, help="Patch, image or scene size in pixels."
     ),
+    difficulty: str = typer.Option(
+        "default",
+        "--difficulty",
+        help="default (well-separated classes) or hard (low contrast, noisy, mixed pixels, "
+        "strong region shift).",
+    ),
 ) -> None:
     """Write synthetic data in a real release layout (see geo/sample_data.py for its model)."""
-    from geo.sample_data import KINDS, generate
+    from geo.sample_data import DIFFICULTIES, KINDS, generate
 
     if kind not in KINDS:
         raise typer.BadParameter(f"choose one of {', '.join(KINDS)}", param_hint="--kind")
+    if difficulty not in DIFFICULTIES:
+        raise typer.BadParameter(
+            f"choose one of {', '.join(DIFFICULTIES)}", param_hint="--difficulty"
+        )
     try:
-        written = generate(kind, out, seed=seed, regions=regions, size=size)
+        written = generate(kind, out, seed=seed, regions=regions, size=size, difficulty=difficulty)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     typer.echo(f"wrote {kind} sample data to {written}")
@@ -232,7 +242,7 @@ EVALUATE_DEFAULT = "Default: EvaluateConfig's (pipeline/evaluate.py)."
 @reports_user_errors
 def train(
     index: Path = typer.Argument(..., help="Index with regions and splits (`landcover regions`)."),
-    method: str = typer.Option("maml", "--method", help="maml, fomaml or pretrain."),
+    method: str = typer.Option("maml", "--method", help="maml, fomaml, r2d2 (meta-trained through a closed-form ridge head) or pretrain."),
     task: str = typer.Option("segmentation", "--task", help="classification or segmentation."),
     iterations: int | None = typer.Option(
         None, "--iterations", min=1, help=f"Outer steps (MAML) or batches (pretrain). {TRAIN_DEFAULT}"
@@ -262,7 +272,7 @@ def train(
     ),
     out: Path = typer.Option(..., "--out", help="Run directory; training resumes if it holds one."),
 ) -> None:
-    """Meta-train (MAML, FOMAML) or pretrain a model; pick its fine-tuning budget on validation.
+    """Meta-train (MAML, FOMAML, R2-D2) or pretrain a model; pick its fine-tuning budget on validation.
 
     Run again on the same --out after an interruption, it continues from the last checkpoint.
     """
@@ -308,11 +318,16 @@ def evaluate(
     queries: int | None = typer.Option(
         None, "--queries", min=1, help=f"Classification: query tiles per class. {EVALUATE_DEFAULT}"
     ),
+    protocol: str | None = typer.Option(
+        None, "--protocol",
+        help="Segmentation episodes: scene (as adapt builds its support; the default) or episode (N-way, a few tiles).",
+    ),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     out: Path = typer.Option(..., "--out", help="Report folder."),
 ) -> None:
-    """Score every run and random init on the same test episodes; write a table and a plot."""
+    """Score every run (fine-tuned and with a closed-form head), random init and the per-pixel
+    classifier on the same test episodes; write a table and a plot."""
     from pipeline.evaluate import EvaluateConfig, evaluate as run_evaluate
 
     _check_device(device)
@@ -321,11 +336,12 @@ def evaluate(
             seed=seed, device=device,
             **_settings(
                 shots=None if shots is None else _csv(shots, int, "--shots"), episodes=episodes,
-                validation_episodes=validation_episodes, n_way=n_way, q_queries=queries,
+                validation_episodes=validation_episodes, n_way=n_way, q_queries=queries, protocol=protocol,
             ),
         )
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--shots" if "shots" in str(error) else None) from None
+        hint = "--shots" if "shots" in str(error) else "--protocol" if "protocol" in str(error) else None
+        raise typer.BadParameter(str(error), param_hint=hint) from None
     report = run_evaluate(index, [*runs, *(more_runs or [])], out, config)
     typer.echo(report.files.table)
     typer.echo(f"results: {report.files.csv}\nreport: {report.files.markdown}\nplot: {report.files.plot}")
@@ -348,10 +364,23 @@ def _print_map(result, out: Path) -> None:
 @app.command()
 @reports_user_errors
 def adapt(
-    model: Path = typer.Option(..., "--model", help="Run directory from `landcover train`."),
+    model: str = typer.Option(..., "--model", help="Run directory from `landcover train`, or `pixel` (the per-pixel classifier)."),
     image: Path = typer.Option(..., "--image", help="Scene GeoTIFF with the model's bands."),
     labels: Path = typer.Option(..., "--labels", help="Labelled points/polygons (GPKG, GeoJSON, SHP; any CRS)."),
     out: Path = typer.Option(..., "--out", help="Class map to write (Cloud-Optimized GeoTIFF)."),
+    compare: list[str] = typer.Option(
+        [], "--compare", help="More candidate runs to check against --model (repeat the option).",
+    ),
+    pixel: bool = typer.Option(
+        True, "--pixel/--no-pixel", help="Also check the per-pixel classifier on the bands (default: yes).",
+    ),
+    pick: str = typer.Option(
+        "best", "--pick",
+        help="best: map with the best cross-validated candidate; first: with --model (fine-tuned); or a candidate's name, e.g. 'r2d2 head'.",
+    ),
+    check: bool = typer.Option(True, "--check/--no-check", help="Cross-validate the candidates on the labels and write MAP.report.json/.md."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds."),
+    spacing: float = typer.Option(32, "--spacing", min=0, help="Labels closer than this (pixels) stay in one fold."),
     class_column: str = typer.Option("class", "--class-column", help="Column of class names or ids."),
     steps: int | None = typer.Option(None, "--steps", min=0, help="Fine-tuning steps (default: picked on validation)."),
     probabilities: Path | None = typer.Option(None, "--probabilities", help="Also write class probabilities here."),
@@ -360,13 +389,16 @@ def adapt(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Adapt a trained model to a new scene from a few labelled pixels, then map the scene."""
+    """Adapt to a new scene from a few labelled pixels, check every candidate on the labels, map the scene."""
     from pipeline.adapt import MapConfig, adapt as run_adapt
 
     _check_device(device)
-    config = MapConfig(steps=steps, class_column=class_column, device=device, seed=seed)
+    config = MapConfig(
+        steps=steps, class_column=class_column, device=device, seed=seed, pick=pick,
+        check=check, folds=folds, spacing=spacing, pixel=pixel,
+    )
     result = run_adapt(
-        model, image, labels, out, probabilities=probabilities, vector=vector,
+        model, image, labels, out, compare=compare, probabilities=probabilities, vector=vector,
         save_adapted=save_adapted, config=config,
     )
     typer.echo(f"adapted on {result.labelled_pixels} labelled pixels in {result.support_windows} windows")
@@ -374,7 +406,26 @@ def adapt(
         typer.echo(f"note: {result.nodata_labels} labelled pixels lie on the scene's nodata and were ignored", err=True)
     if result.conflicting_labels:
         typer.echo(f"note: {result.conflicting_labels} pixels labelled with two classes were ignored", err=True)
+    _print_check(result)
     _print_map(result, out)
+
+
+def _print_check(result) -> None:
+    """Each candidate's cross-validated accuracy, which one mapped, and why an estimate is missing."""
+    if result.report is None:
+        typer.echo(f"map made by {result.chosen} (not checked: --no-check)")
+        return
+    for candidate in result.report.content["candidates"]:
+        estimate = candidate["estimate"]
+        figure = "no estimate" if estimate is None else (
+            f"{estimate['accuracy']:.3f} (95% {estimate['ci95'][0]:.3f}-{estimate['ci95'][1]:.3f}, "
+            f"{estimate['held_out_labels']} held-out labels)"
+        )
+        marker = "*" if candidate["name"] == result.chosen else " "
+        typer.echo(f" {marker} {candidate['name']}: {figure}")
+    typer.echo(f"map made by {result.chosen}; report: {result.report.markdown}")
+    for note in result.report.content["notes"]:
+        typer.echo(f"note: {note}", err=True)
 
 
 @app.command()

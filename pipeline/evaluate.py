@@ -1,8 +1,11 @@
-"""The `evaluate` step: every method on the same held-out episodes, the same shot counts and its
-own fine-tuning budget picked on validation regions; a report with a table and a plot.
+"""The `evaluate` step: every candidate on the same held-out episodes and shot counts; a report
+with a table and a plot.
 
-Random init needs no run directory and is always in the report: it is the model of the first
-run's architecture with fresh weights, its budget picked on validation like the others'.
+Each run is scored twice: fine-tuned at its own budget picked on validation regions, and with a
+closed-form head on its features (`pipeline.candidates`). Two references need no run directory
+and are always in the report: random init (the first run's architecture with fresh weights, its
+budget picked on validation like the others') and the classical per-pixel logistic regression
+(`pixel`), so every report shows whether the networks beat it.
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from torch import nn
 from tqdm.auto import tqdm
 
 from geo.errors import DataError
@@ -19,7 +21,17 @@ from models.backbones import build_model
 from models.checkpoint import CONFIG, WEIGHTS, LoadedRun, load_run
 from models.device import pick_device
 from models.metrics import mean_ci
-from pipeline.protocol import Budget, EpisodeShape, load_split_index, pick_budget, score_episode
+from pipeline.candidates import Candidate, FinetuneCandidate, PixelCandidate, run_candidates
+from pipeline.protocol import (
+    FINETUNE_STEPS,
+    SCENE_FINETUNE_STEPS,
+    Budget,
+    EpisodeShape,
+    Protocol,
+    load_split_index,
+    pick_budget,
+    score_candidate,
+)
 from pipeline.report import METRICS, ReportFiles, write_report
 from tasks.episodes import fewer_shots
 
@@ -36,9 +48,15 @@ class EvaluateConfig:
     n_way: int = 4
     q_queries: int = 10
     query_tiles: int = 2
+    protocol: Protocol | None = None
+    """Segmentation episodes: "scene" (built as `adapt` builds its support: every class of a scene,
+    labels spread over its tiles, queries every other labelled pixel) or "episode" (N-way, labels
+    in a few tiles). None: "scene" for segmentation. Classification is always "episode"."""
 
     def __post_init__(self) -> None:
         """Shot counts sorted and unique (one report row each); impossible settings rejected."""
+        if self.protocol not in (None, "episode", "scene"):
+            raise ValueError(f"protocol: {self.protocol!r} is not one of episode, scene")
         shots = tuple(sorted({int(k) for k in self.shots}))
         if not shots or shots[0] < 0:
             raise ValueError(f"shots must be one or more counts >= 0, got {list(self.shots)}")
@@ -53,14 +71,6 @@ class EvaluationReport:
     files: ReportFiles
     results: pd.DataFrame
     budgets: dict[str, Budget]
-
-
-@dataclass(frozen=True)
-class _Method:
-    name: str
-    model: nn.Module
-    steps: int
-    lr: float | dict[str, float]
 
 
 def evaluate(
@@ -84,8 +94,12 @@ def evaluate(
                 f"({first.task}); compare runs of one task and class scheme"
             )
     task = first.task
-    methods = [
-        _method(name, Path(run_dir), run) for name, run_dir, run in zip(_names(run_dirs, runs), run_dirs, runs)
+    for run_dir, run in zip(run_dirs, runs):
+        if run.config.finetune_steps is None:
+            raise DataError(run_dir, "has no fine-tuning budget: its training did not finish (run it again)")
+    methods: list[Candidate] = [
+        candidate for name, run_dir, run in zip(_names(run_dirs, runs), run_dirs, runs)
+        for candidate in run_candidates(run, name, source=str(run_dir))
     ]
     data = load_split_index(index_path)
     for run_dir, run in zip(run_dirs, runs):
@@ -99,14 +113,22 @@ def evaluate(
         n_way=config.n_way, k_shot=max(max(config.shots), least), q_queries=config.q_queries,
         query_tiles=config.query_tiles,
     )
+    protocol = config.protocol or ("scene" if task == "segmentation" else "episode")
     budget_shape = EpisodeShape(config.n_way, 5, config.q_queries, config.query_tiles)
-    validation = data.episodes("val", task, budget_shape, config.validation_episodes, config.seed + 1)
-    test = data.episodes("test", task, shape, config.episodes, seed=config.seed)
+    validation = data.episodes(
+        "val", task, budget_shape, config.validation_episodes, config.seed + 1, protocol=protocol
+    )
+    test = data.episodes("test", task, shape, config.episodes, seed=config.seed, protocol=protocol)
 
     random_model = build_model(first.arch, seed=config.seed).to(device)
-    random_budget = pick_budget(random_model, validation)
-    methods.append(_Method(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))  # type: ignore[arg-type]
-    budgets = {m.name: Budget(m.steps, None if isinstance(m.lr, dict) else m.lr, float("nan")) for m in methods}
+    grid = SCENE_FINETUNE_STEPS if protocol == "scene" else FINETUNE_STEPS
+    random_budget = pick_budget(random_model, validation, step_grid=grid)
+    methods.append(FinetuneCandidate(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))  # type: ignore[arg-type]
+    methods.append(PixelCandidate())
+    budgets = {
+        m.name: Budget(m.steps, None if isinstance(m.lr, dict) else m.lr, float("nan"))  # type: ignore[arg-type]
+        for m in methods if isinstance(m, FinetuneCandidate)
+    }
     budgets[RANDOM_INIT] = random_budget
 
     rows = []
@@ -116,12 +138,12 @@ def evaluate(
             per_episode = []
             for number, episode in enumerate(test):
                 cut = fewer_shots(episode, shots, seed=number)
-                per_episode.append(score_episode(method.model, cut, steps=method.steps, lr=method.lr, seed=number))
+                per_episode.append(score_candidate(method, cut))
                 bar.update(1)
             rows.append(_summarise(method.name, shots, per_episode, segmentation=task == "segmentation"))
     bar.close()
     results = pd.DataFrame(rows)
-    notes = _notes(methods, task, config, len(test))
+    notes = _notes(methods, task, config, len(test), protocol)
     files = write_report(results, Path(out_dir), title=f"Few-shot {task} on {Path(index_path).name}", notes=notes)
     return EvaluationReport(files=files, results=results, budgets=budgets)
 
@@ -149,15 +171,6 @@ def _names(run_dirs: Sequence[Path], runs: Sequence[LoadedRun]) -> list[str]:
     ]
 
 
-def _method(name: str, run_dir: Path, run: LoadedRun) -> _Method:
-    """A run with the fine-tuning budget picked on validation when it was trained."""
-    config = run.config
-    if config.finetune_steps is None:
-        raise DataError(run_dir, "has no fine-tuning budget: its training did not finish (run it again)")
-    lr = run.inner_lrs if config.finetune_lr is None else config.finetune_lr
-    return _Method(name, run.model, config.finetune_steps, lr)
-
-
 def _summarise(method: str, shots: int, per_episode: list[dict[str, float]], *, segmentation: bool) -> dict:
     row: dict = {"method": method, "shots": shots, "episodes": len(per_episode)}
     for metric in METRICS:
@@ -170,13 +183,15 @@ def _summarise(method: str, shots: int, per_episode: list[dict[str, float]], *, 
     return row
 
 
-def _notes(methods: Sequence[_Method], task: str, config: EvaluateConfig, episodes: int) -> str:
-    budgets = ", ".join(
-        f"{m.name}: {m.steps} steps at {'learned rates' if isinstance(m.lr, dict) else m.lr}"
-        for m in methods
+def _notes(
+    methods: Sequence[Candidate], task: str, config: EvaluateConfig, episodes: int, protocol: str
+) -> str:
+    how = "; ".join(
+        f"{m.name}: " + ", ".join(f"{key} {value}" for key, value in m.describe().items()) for m in methods
     )
     unit = "labelled pixels per class" if task == "segmentation" else "labelled tiles per class"
     return (
-        f"{episodes} test episodes (seed {config.seed}), shots = {unit}; every method is scored on "
-        f"the same episodes. Fine-tuning budgets, picked on validation regions: {budgets}."
+        f"{episodes} test episodes (seed {config.seed}, {protocol} protocol), shots = {unit}; every method is scored on "
+        f"the same episodes. Fine-tuning budgets were picked on validation regions; heads and the "
+        f"pixel classifier need none (with 0 shots they know no class: chance). {how}."
     )

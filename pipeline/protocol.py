@@ -19,11 +19,13 @@ from geo.errors import DataError
 from geo.index import read_index
 from models.finetune import finetune, predict
 from models.metrics import episode_scores
+from pipeline.candidates import Candidate, Support
 from tasks.episodes import (
     ClassificationSampler,
     DenseSegmentationSampler,
     Episode,
     Sampler,
+    SceneSampler,
     SegmentationSampler,
     TileCache,
     fewer_shots,
@@ -31,11 +33,15 @@ from tasks.episodes import (
 )
 
 Task = Literal["classification", "segmentation"]
+Protocol = Literal["episode", "scene"]
 Rate = float | Mapping[str, float]
 
 FINETUNE_STEPS = (3, 10, 25)
 FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3)
 """The grid of fine-tuning budgets tried on validation regions for every method."""
+SCENE_FINETUNE_STEPS = (3, 10, 25, 50)
+"""The longer step grid of scene episodes: a scene's support (every class, labels spread over many
+windows) takes more steps to fit than a 4-way episode's few tiles."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +102,12 @@ class SplitIndex:
         """The rows of one split, keeping their positions in the whole index (for the cache)."""
         return self.frame[self.frame["split"] == name]
 
-    def sampler(self, split: str, task: Task, shape: EpisodeShape) -> Sampler:
-        """The episode sampler of `task` over one split's regions."""
+    def sampler(self, split: str, task: Task, shape: EpisodeShape, protocol: Protocol = "episode") -> Sampler:
+        """The episode sampler of `task` over one split's regions; "scene" segmentation episodes
+        are built the way `adapt` builds its support set."""
         rows = self.split(split)
+        if task == "segmentation" and protocol == "scene":
+            return SceneSampler(rows, self.tiles, k_shot=shape.k_shot, class_names=self.class_names)
         if task == "classification":
             return ClassificationSampler(
                 rows, self.tiles, n_way=shape.n_way, k_shot=shape.k_shot,
@@ -115,10 +124,11 @@ class SplitIndex:
         )
 
     def episodes(
-        self, split: str, task: Task, shape: EpisodeShape, count: int, seed: int
+        self, split: str, task: Task, shape: EpisodeShape, count: int, seed: int,
+        protocol: Protocol = "episode",
     ) -> list[Episode]:
         """`count` seeded episodes of one split (the same list for every method)."""
-        sampler = self.sampler(split, task, shape)
+        sampler = self.sampler(split, task, shape, protocol)
         regions = sorted(self.split(split)["region"].unique())
         try:
             return list(sample_episodes(sampler, regions, count, seed=seed))
@@ -158,6 +168,25 @@ def score_queries(model: nn.Module, episode: Episode) -> dict[str, float]:
     )
 
 
+def episode_support(episode: Episode) -> Support:
+    """An episode's support set as a candidate fits on it."""
+    return Support(episode.support_images, episode.support_labels, episode.classes)
+
+
+def score_candidate(candidate: Candidate, episode: Episode) -> dict[str, float]:
+    """Fit a candidate on the support set, predict the query set, score it."""
+    predicted = candidate.fit(episode_support(episode))(episode.query_images).argmax(axis=1)
+    return episode_scores(
+        episode.query_labels, predicted, len(episode.classes),
+        segmentation=episode.query_labels.ndim > 1,
+    )
+
+
+def mean_candidate_accuracy(candidate: Candidate, episodes: Sequence[Episode]) -> float:
+    """Mean query accuracy of a candidate over episodes: the validation score of a head."""
+    return float(np.mean([score_candidate(candidate, episode)["accuracy"] for episode in episodes]))
+
+
 def mean_accuracy(
     model: nn.Module, episodes: Sequence[Episode], *, steps: int, lr: Rate
 ) -> float:
@@ -183,6 +212,7 @@ def pick_budget(
     *,
     learned_rates: Mapping[str, float] | None = None,
     shots: Sequence[int] = (1, 5),
+    step_grid: Sequence[int] = FINETUNE_STEPS,
 ) -> Budget:
     """The (steps, rate) of best mean validation accuracy over `shots`, from the shared grid.
 
@@ -196,14 +226,14 @@ def pick_budget(
     best: Budget | None = None
     for lr in rates:
         rate = learned_rates if lr is None else lr
-        totals = np.zeros(len(FINETUNE_STEPS))
+        totals = np.zeros(len(step_grid))
         for number, episode in cut:
             # full-batch SGD has no state, so the step counts of the grid are one run's checkpoints
             tuned, done = model, 0
-            for position, steps in enumerate(FINETUNE_STEPS):
+            for position, steps in enumerate(step_grid):
                 tuned, done = _tune(tuned, episode, steps - done, rate, number), steps
                 totals[position] += score_queries(tuned, episode)["accuracy"]
-        for position, steps in enumerate(FINETUNE_STEPS):
+        for position, steps in enumerate(step_grid):
             accuracy = float(totals[position] / len(cut))
             if best is None or accuracy > best.validation_accuracy + 1e-9:
                 best = Budget(steps=steps, lr=lr, validation_accuracy=accuracy)

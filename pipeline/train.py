@@ -1,4 +1,5 @@
-"""The `train` step: meta-train with MAML/FOMAML, or pretrain on pooled regions, into a run dir.
+"""The `train` step: meta-train with MAML/FOMAML or through a closed-form ridge head (R2-D2), or
+pretrain on pooled regions, into a run dir.
 
 Training resumes: every `checkpoint_every` iterations the whole training state is saved, and a
 run started again on the same directory continues from there and ends where an uninterrupted run
@@ -23,6 +24,7 @@ from geo.errors import DataError
 from models.backbones import arch_preset, build_model
 from models.checkpoint import (
     CONFIG,
+    LoadedRun,
     RunConfig,
     load_config,
     load_run,
@@ -33,10 +35,24 @@ from models.checkpoint import (
 from models.device import pick_device
 from models.maml import MetaLearner
 from models.pretrain import pretrain_optimizer, pretrain_step
-from pipeline.protocol import EpisodeShape, SplitIndex, Task, load_split_index, mean_accuracy, pick_budget
-from tasks.episodes import capable_regions, episode_rng
+from models.r2d2 import RidgeMetaLearner
+from pipeline.candidates import HeadCandidate
+from pipeline.protocol import (
+    SCENE_FINETUNE_STEPS,
+    Budget,
+    EpisodeShape,
+    SplitIndex,
+    Task,
+    load_split_index,
+    mean_accuracy,
+    mean_candidate_accuracy,
+    pick_budget,
+)
+from tasks.episodes import Episode, capable_regions, episode_rng
 
-Method = Literal["maml", "fomaml", "pretrain"]
+Method = Literal["maml", "fomaml", "r2d2", "pretrain"]
+METHODS: tuple[str, ...] = ("maml", "fomaml", "r2d2", "pretrain")
+INNER_LOOP_METHODS = ("maml", "fomaml")
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Reject impossible settings at once (the flow config reports them by key)."""
         choices = {
-            "method": ("maml", "fomaml", "pretrain"),
+            "method": METHODS,
             "task": ("classification", "segmentation"),
             "size": ("tiny", "base"),
         }
@@ -143,9 +159,9 @@ def train(
         class_names=data.class_names, class_colors=data.class_colors, bands=data.bands,
         normalisation={"clip": [0, 10000], "divide": 10000, "uint8_divide": 255},
         seed=config.seed,
-        inner_steps=config.inner_steps if config.method != "pretrain" else None,
-        inner_lr=config.inner_lr if config.method != "pretrain" else None,
-        learn_inner_lr=config.learn_inner_lr and config.method != "pretrain",
+        inner_steps=config.inner_steps if config.method in INNER_LOOP_METHODS else None,
+        inner_lr=config.inner_lr if config.method in INNER_LOOP_METHODS else None,
+        learn_inner_lr=config.learn_inner_lr and config.method in INNER_LOOP_METHODS,
         first_order=config.method == "fomaml",
         settings=config.settings(),
     )
@@ -158,10 +174,7 @@ def train(
     val_episodes = data.episodes(
         "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1
     )
-    if config.method == "pretrain":
-        trainer: _Trainer = _PretrainTrainer(model, data, config)
-    else:
-        trainer = _MamlTrainer(model, data, config)
+    trainer = _TRAINERS[config.method](model, data, config)
     if saved is None:
         # claim the directory at once: a kill before the first validation still leaves the
         # settings that a restart is checked against
@@ -185,7 +198,7 @@ def train(
         loss = trainer.step(iteration)
         iteration += 1
         if iteration % config.validate_every == 0 or iteration == config.iterations:
-            score = mean_accuracy(model, val_episodes, **trainer.validation_budget())
+            score = trainer.validation_score(val_episodes)
             if score > state.best_score:
                 state = _Progress(best_score=score, best_iteration=iteration)
                 _save_best(out_dir, trainer, run_config, iteration, state)
@@ -198,7 +211,7 @@ def train(
     bar.close()
     seconds = time.perf_counter() - started
     best = load_run(out_dir, device)
-    budget = pick_budget(best.model, val_episodes, learned_rates=best.inner_lrs or None)
+    budget = _pick_budget(best, data, config, val_episodes)
     final = dataclasses.replace(
         load_config(out_dir), finetune_steps=budget.steps, finetune_lr=budget.lr
     )
@@ -210,6 +223,20 @@ def train(
         finetune_steps=budget.steps, finetune_lr=budget.lr, seconds=seconds,
         iterations_per_second=done / seconds if seconds > 0 and done else 0.0,
         resumed_from=start,
+    )
+
+
+def _pick_budget(best: LoadedRun, data: SplitIndex, config: TrainConfig, val_episodes: list[Episode]) -> Budget:
+    """The fine-tuning budget, picked on validation regions. Segmentation runs pick it on scene
+    episodes, built as `adapt` builds its support (every class, labels spread over a scene's
+    tiles), with a longer step grid: the budget is then the one a user's scene needs."""
+    if config.task != "segmentation":
+        return pick_budget(best.model, val_episodes, learned_rates=best.inner_lrs or None)
+    scenes = data.episodes(
+        "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1, protocol="scene"
+    )
+    return pick_budget(
+        best.model, scenes, learned_rates=best.inner_lrs or None, step_grid=SCENE_FINETUNE_STEPS
     )
 
 
@@ -283,7 +310,7 @@ def _save_best(
     out_dir: Path, trainer: _Trainer, run_config: RunConfig, iteration: int, state: _Progress
 ) -> None:
     config = dataclasses.replace(
-        run_config, iterations=iteration, validation_accuracy=state.best_score
+        run_config, iterations=iteration, validation_accuracy=state.best_score, **trainer.run_fields()
     )
     save_run(out_dir, trainer.model, config, trainer.inner_rates())
 
@@ -301,41 +328,75 @@ class _Trainer:
     def inner_rates(self) -> dict[str, float]:
         return {}
 
-    def validation_budget(self) -> dict:
+    def run_fields(self) -> dict:
+        """Learned settings stored in config.json beside the weights."""
+        return {}
+
+    def validation_score(self, episodes: list[Episode]) -> float:
         raise NotImplementedError
 
 
-class _MamlTrainer(_Trainer):
-    """MAML/FOMAML: one outer step on a meta-batch of train episodes per iteration."""
+class _EpisodicTrainer(_Trainer):
+    """Meta-training: each iteration is one outer step on a meta-batch of train episodes."""
+
+    def __init__(self, data: SplitIndex, config: TrainConfig) -> None:
+        self.config = config
+        self.sampler = data.sampler("train", config.task, config.shape)
+        self.regions = capable_regions(self.sampler, sorted(data.split("train")["region"].unique()))
+        if not self.regions:
+            raise DataError(data.path, "no train region can supply a meta-training episode")
+
+    def meta_batch(self, iteration: int) -> list[Episode]:
+        rng = np.random.default_rng([self.config.seed, iteration])
+        chosen = rng.choice(self.regions, size=self.config.meta_batch)
+        first = iteration * max(64, self.config.meta_batch)  # episode numbers never repeat
+        return [
+            self.sampler.sample(str(region), episode_rng(self.config.seed, str(region), first + slot))
+            for slot, region in enumerate(chosen)
+        ]
+
+
+class _MamlTrainer(_EpisodicTrainer):
+    """MAML/FOMAML: the outer step differentiates through the inner SGD loop."""
 
     def __init__(self, model: nn.Module, data: SplitIndex, config: TrainConfig) -> None:
-        self.model, self.config = model, config
+        super().__init__(data, config)
+        self.model = model
         self.learner = MetaLearner(
             model, steps=config.inner_steps, inner_lr=config.inner_lr,
             learn_inner_lr=config.learn_inner_lr, first_order=config.method == "fomaml",
             outer_lr=config.lr, rate_lr=config.rate_lr,
         )
         self.module, self.optimizer = self.learner, self.learner.optimizer
-        self.sampler = data.sampler("train", config.task, config.shape)
-        self.regions = capable_regions(self.sampler, sorted(data.split("train")["region"].unique()))
-        if not self.regions:
-            raise DataError(data.path, "no train region can supply a meta-training episode")
 
     def step(self, iteration: int) -> float:
-        rng = np.random.default_rng([self.config.seed, iteration])
-        chosen = rng.choice(self.regions, size=self.config.meta_batch)
-        first = iteration * max(64, self.config.meta_batch)  # episode numbers never repeat
-        episodes = [
-            self.sampler.sample(str(region), episode_rng(self.config.seed, str(region), first + slot))
-            for slot, region in enumerate(chosen)
-        ]
-        return self.learner.meta_train_step(episodes)
+        return self.learner.meta_train_step(self.meta_batch(iteration))
 
     def inner_rates(self) -> dict[str, float]:
         return {name: float(rate) for name, rate in self.learner.inner_lrs().items()}
 
-    def validation_budget(self) -> dict:
-        return {"steps": self.config.inner_steps, "lr": self.inner_rates()}
+    def validation_score(self, episodes: list[Episode]) -> float:
+        return mean_accuracy(self.model, episodes, steps=self.config.inner_steps, lr=self.inner_rates())
+
+
+class _RidgeTrainer(_EpisodicTrainer):
+    """R2-D2: the outer step differentiates through a ridge head fitted on each support set."""
+
+    def __init__(self, model: nn.Module, data: SplitIndex, config: TrainConfig) -> None:
+        super().__init__(data, config)
+        self.model = model
+        self.learner = RidgeMetaLearner(model, outer_lr=config.lr)
+        self.module, self.optimizer = self.learner, self.learner.optimizer
+
+    def step(self, iteration: int) -> float:
+        return self.learner.meta_train_step(self.meta_batch(iteration))
+
+    def run_fields(self) -> dict:
+        return {"head_penalty": self.learner.penalty(), "head_scale": float(self.learner.log_scale.detach().exp())}
+
+    def validation_score(self, episodes: list[Episode]) -> float:
+        head = HeadCandidate("r2d2 head", self.model, ridge_penalty=self.learner.penalty())
+        return mean_candidate_accuracy(head, episodes)
 
 
 class _PretrainTrainer(_Trainer):
@@ -363,6 +424,11 @@ class _PretrainTrainer(_Trainer):
             labels = self.data.tiles.masks(positions).astype(np.int64)
         return pretrain_step(self.model, self.optimizer, images, labels)
 
-    def validation_budget(self) -> dict:
-        return {"steps": self.config.inner_steps, "lr": self.config.inner_lr}
+    def validation_score(self, episodes: list[Episode]) -> float:
+        return mean_accuracy(self.model, episodes, steps=self.config.inner_steps, lr=self.config.inner_lr)
+
+
+_TRAINERS: dict[str, type[_Trainer]] = {
+    "maml": _MamlTrainer, "fomaml": _MamlTrainer, "r2d2": _RidgeTrainer, "pretrain": _PretrainTrainer,
+}
 

@@ -95,7 +95,7 @@ TINY_TRAINING = {"iterations": 30, "validate_every": 10, "validation_episodes": 
 
 @pytest.fixture(scope="session")
 def trained_runs(split_index: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny segmentation runs of pretrain and MAML (MAML starts from the pretrained weights)."""
+    """Tiny segmentation runs of pretrain, MAML and R2-D2 (both start from the pretrained weights)."""
     from pipeline.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("runs")
@@ -107,4 +107,8 @@ def trained_runs(split_index: Path, tmp_path_factory: pytest.TempPathFactory) ->
         split_index, root / "maml",
         TrainConfig(method="maml", init_from=str(pretrain), **TINY_TRAINING), progress=False,
     ).run_dir
-    return {"pretrain": pretrain, "maml": maml}
+    r2d2 = train(
+        split_index, root / "r2d2",
+        TrainConfig(method="r2d2", init_from=str(pretrain), **TINY_TRAINING), progress=False,
+    ).run_dir
+    return {"pretrain": pretrain, "maml": maml, "r2d2": r2d2}

@@ -393,3 +393,112 @@ def test_a_window_larger_than_the_scene_maps_like_one_of_its_size(adapted: Adapt
                          config=MapConfig(window=128, overlap=32, device="cpu"))
     np.testing.assert_array_equal(read_band(default.scene_map.classes), read_band(fitted.scene_map.classes))
     np.testing.assert_array_equal(read_band(default.scene_map.classes), read_band(adapted.map))
+
+
+# --- candidates, the check on the user's labels, and its report ---------------------------------------
+
+
+def test_adapt_cross_validates_every_candidate_and_maps_with_the_best(adapted: Adapted, scene_files: SceneFiles):
+    """The default adapt: the run's fine-tuned and head variants and the pixel classifier, all scored
+    on the same spatial folds of the labels; the map comes from the best, the report says so."""
+    report = json.loads(adapted.map.with_name("map.report.json").read_text())
+    names = [candidate["name"] for candidate in report["candidates"]]
+    assert names == ["maml fine-tuned", "maml head", "pixel"]
+    assert set(report["labels_per_class"].values()) == {5} and report["check"]["folds"] == 5
+    estimates = {c["name"]: c["estimate"] for c in report["candidates"]}
+    best = max(names, key=lambda name: estimates[name]["accuracy"])
+    assert report["chosen"] == report["candidates"][names.index(best)]["name"] or (
+        estimates[report["chosen"]]["accuracy"] == estimates[best]["accuracy"]
+    )
+    for estimate in estimates.values():
+        assert estimate["held_out_labels"] == 25 and estimate["ci95"][0] <= estimate["accuracy"] <= estimate["ci95"][1]
+        assert sum(map(sum, estimate["confusion"]["rows_true_columns_predicted"])) == 25
+    markdown = adapted.map.with_name("map.report.md").read_text()
+    assert f"The map was made by **{report['chosen']}**" in markdown and "| pixel |" in markdown
+    assert f"* {report['chosen']}: " in adapted.output
+
+
+def test_a_named_candidate_maps_and_its_saved_head_predicts_the_same_map(
+    trained_runs: dict[str, Path], scene_files: SceneFiles, tmp_path: Path
+):
+    """--pick by name: the R2-D2 run's closed-form head makes the map; saved with the network, it
+    is what `predict` maps with."""
+    out, model = tmp_path / "head.tif", tmp_path / "adapted"
+    result = invoke(*adapt_args(trained_runs["r2d2"], scene_files, out, "--compare", trained_runs["pretrain"],
+                                "--pick", "r2d2 head", "--save-adapted", model))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("head.report.json").read_text())
+    assert report["chosen"] == "r2d2 head" and report["pick"] == "r2d2 head"
+    assert [c["name"] for c in report["candidates"]] == [
+        "r2d2 fine-tuned", "r2d2 head", "pretrain fine-tuned", "pretrain head", "pixel"]
+    assert report["candidates"][1]["kind"] == "closed-form ridge head"
+    assert (model / "head.pt").exists()
+    again = invoke("predict", "--model", model, "--image", scene_files.image, "--out", tmp_path / "again.tif",
+                   "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    np.testing.assert_array_equal(read_band(out), read_band(tmp_path / "again.tif"))
+
+
+def test_the_pixel_classifier_alone_maps_without_a_run_and_without_a_check(scene_files: SceneFiles, tmp_path: Path):
+    out = tmp_path / "pixel.tif"
+    result = invoke("adapt", "--model", "pixel", "--no-check", "--image", scene_files.image,
+                    "--labels", scene_files.labels, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "map made by pixel (not checked" in result.output
+    assert not out.with_name("pixel.report.json").exists() and not out.with_name("pixel.report.md").exists()
+    assert accuracy(out, scene_files.truth) > 0.5  # 5 classes: far above chance on a real classifier
+
+
+def test_labels_too_clumped_to_check_still_give_the_map_and_the_report_says_why(
+    trained_runs: dict[str, Path], scene_files: SceneFiles, tmp_path: Path
+):
+    """Every label within a few pixels of the others: nothing can be held out."""
+    with rasterio.open(scene_files.image) as src:
+        xs, ys = zip(*(src.xy(60 + d, 60 + d) for d in range(4)))
+        crs = src.crs
+    labels = tmp_path / "clumped.gpkg"
+    gpd.GeoDataFrame({"class": ["Forest", "Forest", "Water", "Water"]}, geometry=gpd.points_from_xy(xs, ys),
+                     crs=crs).to_file(labels, layer="labels")
+    out = tmp_path / "clumped.tif"
+    result = invoke("adapt", "--model", trained_runs["maml"], "--image", scene_files.image, "--labels", labels,
+                    "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name("clumped.report.json").read_text())
+    assert report["chosen_estimate"] is None and report["chosen"] == "maml fine-tuned"
+    assert report["notes"][0].startswith("no estimate: none of the 4 labels can be held out")
+    assert "no estimate" in result.stderr and out.exists()
+
+
+def _run_with_other_bands(run: Path, folder: Path) -> Path:
+    other = folder / "other-bands"
+    shutil.copytree(run, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "bands": list(reversed(config["bands"]))}))
+    return other
+
+
+@pytest.mark.parametrize("case", ["compare run with other bands", "unknown candidate", "unknown pick",
+                                  "save the pixel classifier"])
+def test_bad_candidates_fail_clearly_and_write_nothing(case: str, trained_runs: dict[str, Path],
+                                                        scene_files: SceneFiles, tmp_path: Path):
+    inputs, outputs = tmp_path / "inputs", tmp_path / "outputs"
+    inputs.mkdir()
+    outputs.mkdir()
+    model, more, bad, words = trained_runs["maml"], [], None, ""
+    if case == "compare run with other bands":
+        bad = _run_with_other_bands(trained_runs["maml"], inputs)
+        more, words = ["--compare", bad], "has other classes or bands than"
+    elif case == "unknown candidate":
+        bad = inputs / "nosuch"
+        more, words = ["--compare", bad], "is not a run directory (no config.json and weights.pt), nor `pixel`"
+    elif case == "unknown pick":
+        bad, more, words = scene_files.labels, ["--pick", "nosuch"], "--pick 'nosuch' is not best, first or a candidate: maml fine-tuned, maml head, pixel"
+    else:
+        model, bad = "pixel", scene_files.labels
+        more, words = ["--save-adapted", outputs / "model"], "--save-adapted needs a run"
+    result = invoke("adapt", "--model", model, "--image", scene_files.image, "--labels", scene_files.labels,
+                    "--out", outputs / "map.tif", "--device", "cpu", *more)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"error: {bad}: ") and words in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert list(outputs.iterdir()) == []

@@ -1,6 +1,7 @@
-"""Evaluation: `landcover evaluate` scores every run and random init on the same seeded test
-episodes and writes results.csv, report.md and the accuracy plot; the same seed gives the same
-table; bad inputs end with one clear line. The classification task (compact CNN) trains and
+"""Evaluation: `landcover evaluate` scores every run (fine-tuned and with a closed-form head),
+random init and the per-pixel classifier on the same seeded test episodes and writes results.csv,
+report.md and the accuracy plot; the same seed gives the same table; bad inputs end with one
+clear line. The classification task (compact CNN) trains and
 evaluates end to end too."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.candidates import PIXEL
 from pipeline.cli import app
 from pipeline.evaluate import RANDOM_INIT, EvaluateConfig
 from pipeline.report import METRICS
@@ -28,11 +30,13 @@ def flat(output: str) -> str:
 
 
 def check_report(out: Path, methods: list[str], shots: list[int], *, segmentation: bool) -> pd.DataFrame:
-    """The three report files, one results row per (method, shots), random init always present."""
+    """The three report files, one results row per (candidate, shots): each run fine-tuned and with
+    its head, then random init and the pixel classifier, always present."""
     results = pd.read_csv(out / "results.csv")
     bounds = [f"{metric}_{side}" for metric in METRICS for side in ("low", "high")]
     assert {"method", "shots", *METRICS, *bounds} <= set(results.columns)
-    assert list(zip(results["method"], results["shots"])) == [(m, s) for m in [*methods, RANDOM_INIT] for s in shots]
+    candidates = [f"{m} {variant}" for m in methods for variant in ("fine-tuned", "head")] + [RANDOM_INIT, PIXEL]
+    assert list(zip(results["method"], results["shots"])) == [(m, s) for m in candidates for s in shots]
     scored = ["accuracy", "kappa", "f1", *(["miou"] if segmentation else [])]
     assert results[scored].notna().all().all() and results["accuracy"].between(0, 1).all()
     assert results["miou"].isna().all() != segmentation
@@ -40,7 +44,7 @@ def check_report(out: Path, methods: list[str], shots: list[int], *, segmentatio
     assert (results["accuracy"] <= results["accuracy_high"]).all()
     report = (out / "report.md").read_text()
     assert "| method | 0 shot | 1 | 2 |" in report
-    for method in [*methods, RANDOM_INIT]:
+    for method in candidates:
         assert f"| {method} | " in report
     assert (out / "accuracy_vs_shots.png").read_bytes().startswith(PNG)
     return results
@@ -128,3 +132,21 @@ def test_classification_trains_a_compact_cnn_and_evaluates(split_index, tmp_path
     # 4-way with 3 queries per class: 1/12 steps per episode, 1/24 in a mean of two (CSV: 6 digits)
     twenty_fourths = results["accuracy"] * 24
     assert ((twenty_fourths - twenty_fourths.round()).abs() < 1e-4).all()
+
+
+def test_segmentation_evaluates_on_scene_episodes_by_default_and_refuses_an_unknown_protocol(
+    split_index, trained_runs, tmp_path
+):
+    """Scene episodes label every class of a scene: with 1 shot per class the query holds far more
+    classes than an N-way episode would allow, and the report names the protocol."""
+    maml = str(trained_runs["maml"])
+    scene = runner.invoke(app, ["evaluate", str(split_index), "--runs", maml, *TINY_EVALUATION, "--out", str(tmp_path / "s")])
+    assert scene.exit_code == 0, scene.output
+    assert "scene protocol" in (tmp_path / "s" / "report.md").read_text()
+    episode = runner.invoke(app, [
+        "evaluate", str(split_index), "--runs", maml, *TINY_EVALUATION, "--protocol", "episode", "--out", str(tmp_path / "e"),
+    ])
+    assert episode.exit_code == 0, episode.output
+    assert "episode protocol" in (tmp_path / "e" / "report.md").read_text()
+    bad = runner.invoke(app, ["evaluate", str(split_index), "--runs", maml, "--protocol", "tiles", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--protocol" in flat(bad.output) and not (tmp_path / "b").exists()

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from models.checkpoint import load_run
 from pipeline.cli import app
+from pipeline.protocol import SCENE_FINETUNE_STEPS
 from pipeline.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(tr
         assert len(config["bands"]) == config["arch"]["in_channels"] == len(config["arch"]["input_mean"])
         assert config["normalisation"]["divide"] == 10000
         assert config["arch"]["name"] == "unet" and config["first_order"] is False
-        assert config["finetune_steps"] in (3, 10, 25)  # the budget picked on validation
+        assert config["finetune_steps"] in SCENE_FINETUNE_STEPS  # picked on validation scene episodes
         run = load_run(run_dir)
         assert all(torch.equal(run.model.state_dict()[key], value) for key, value in weights["model"].items())
     maml = json.loads((trained_runs["maml"] / "config.json").read_text())
@@ -122,6 +123,9 @@ def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(tr
     assert maml["settings"]["init_from"] == str(trained_runs["pretrain"])
     assert saved_weights(trained_runs["maml"])["inner_lrs"]  # learned rates travel with the weights
     assert not saved_weights(trained_runs["pretrain"])["inner_lrs"]
+    r2d2 = json.loads((trained_runs["r2d2"] / "config.json").read_text())
+    assert r2d2["head_penalty"] > 0 and r2d2["head_scale"] > 0 and r2d2["inner_steps"] is None
+    assert maml["head_penalty"] is None  # only a run meta-trained through a ridge head has one
     # finetune_lr None means "fine-tune at the learned rates", which only MAML has
     assert json.loads((trained_runs["pretrain"] / "config.json").read_text())["finetune_lr"] is not None
 
@@ -141,7 +145,7 @@ def test_impossible_training_settings_are_refused_at_once(settings, problem):
 
 def test_the_train_command_turns_bad_options_into_usage_errors(split_index, tmp_path):
     bad_method = runner.invoke(app, ["train", str(split_index), "--method", "reptile", "--out", str(tmp_path / "r")])
-    assert bad_method.exit_code == 2 and "not one of maml, fomaml, pretrain" in flat(bad_method.output)
+    assert bad_method.exit_code == 2 and "not one of maml, fomaml, r2d2, pretrain" in flat(bad_method.output)
     zero = runner.invoke(app, ["train", str(split_index), "--checkpoint-every", "0", "--out", str(tmp_path / "r")])
     assert zero.exit_code == 2
     assert not (tmp_path / "r").exists()
