@@ -6,10 +6,15 @@ that suits those episodes need not suit a user's scene. A head fitted in closed 
 budget: it is the optimum of a convex problem on the labels given.
 
 Features of a pixel are the network's embedding there (the input of its last layer: the U-Net's
-decoder output, or a classifier's pooled features) beside the standardised band values, so a head
-can never know less than a per-pixel classifier on the bands, and gains what the embedding adds
-(spatial context, learned invariances). For classification the band part is each tile's per-band
-mean and standard deviation.
+decoder output, or a classifier's pooled features), the standardised band values, and their means
+over the pixel's 3 x 3 and 5 x 5 neighbourhoods. So a head never knows less than a per-pixel
+classifier on the bands, and gains what the embedding adds (learned invariances) and what a
+neighbourhood says that one pixel cannot (sensor noise and mixed pixels average out over an object
+tens of pixels wide). The neighbourhood means are the classical contextual features of remote
+sensing; a network learns them too, but a small one trained for minutes on a CPU does so poorly:
+on the generator's hard scenes they lift a head from 0.74 to 0.83 mean accuracy
+(BENCHMARKS.md). For classification the band part is each tile's per-band mean and standard
+deviation.
 
 `ridge_fit` / `ridge_logits` are differentiable (`torch.linalg.solve`), so an embedding can be
 meta-trained *through* the head (R2-D2, Bertinetto et al. 2019; `models.r2d2`), and the head
@@ -21,12 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import IGNORE_INDEX, Standardized
 from models.device import as_images, autocast, model_device
 
 FEATURE_EPSILON = 1e-6
+CONTEXT_SIZES = (3, 5)
+"""Sides of the neighbourhoods whose band means join a pixel's features."""
 
 
 def _last_layer(model: nn.Module) -> nn.Module:
@@ -60,7 +68,11 @@ def features(model: nn.Module, images: Tensor) -> Tensor:
     embedding = captured[0].float()
     bands = standardised_bands(model, images).float()
     if embedding.ndim == 4:
-        return torch.cat([embedding, bands], dim=1)
+        means = [
+            F.avg_pool2d(bands, size, stride=1, padding=size // 2, count_include_pad=False)
+            for size in CONTEXT_SIZES
+        ]
+        return torch.cat([embedding, bands, *means], dim=1)
     return torch.cat([embedding, bands.mean(dim=(2, 3)), bands.std(dim=(2, 3))], dim=1)
 
 

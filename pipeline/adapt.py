@@ -37,11 +37,11 @@ from models.finetune import predict
 from pipeline.candidates import (
     PIXEL,
     Candidate,
-    FinetuneCandidate,
     HeadCandidate,
     LinearScores,
     PixelCandidate,
     Predictor,
+    Tuned,
     run_candidates,
 )
 from pipeline.crossval import DEFAULT_FOLDS, DEFAULT_SPACING, LabelledScene, cross_validate
@@ -361,7 +361,7 @@ def _save_adapted(
     network with the fitted head beside it (`head.pt`; for the pixel classifier, on the bands)."""
     source = getattr(chosen, "source", None) or next(iter(runs))
     run = runs[source]
-    model = chosen.tuned_model(scene.support(np.ones(len(scene), bool), context=False)) if isinstance(chosen, FinetuneCandidate) else run.model
+    model = predictor.model if isinstance(predictor, Tuned) else run.model
     settings = {
         **run.config.settings, ADAPTED_CLASSES: scene.classes.tolist(), "adapted_from": str(model_dir),
         "adapted_candidate": chosen.name,

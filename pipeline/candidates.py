@@ -87,23 +87,27 @@ class FinetuneCandidate:
     """The run directory the network comes from (to save an adapted copy)."""
     fits_on_context: bool = False
 
-    def fit(self, support: Support) -> Predictor:
+    def fit(self, support: Support) -> Tuned:
         tuned = finetune(
             self.model, support.images, support.labels, support.classes,
             steps=self.steps, lr=self.lr, seed=self.seed,
         )
-        return lambda images: predict(tuned, images, support.classes)
+        return Tuned(tuned, support.classes)
 
     def describe(self) -> dict[str, Any]:
         rate = "learned per-tensor rates" if isinstance(self.lr, Mapping) else self.lr
         return {"kind": "fine-tuned", "steps": self.steps, "lr": rate}
 
-    def tuned_model(self, support: Support) -> nn.Module:
-        """The fine-tuned network itself (to save an adapted run)."""
-        return finetune(
-            self.model, support.images, support.labels, support.classes,
-            steps=self.steps, lr=self.lr, seed=self.seed,
-        )
+
+@dataclass(frozen=True)
+class Tuned:
+    """A fine-tuned network as a predictor (kept whole, so an adapted run can be saved)."""
+
+    model: nn.Module
+    classes: np.ndarray
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return predict(self.model, images, self.classes)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ run before any step starts, with a `DataError` naming the file and the key:
       image: null                   # null: generate a sample scene with labels
       labels: null
       scenes: []                    # more scenes to map with the adapted model
-      map: {class_column: class}    # pipeline.adapt.MapConfig: steps, lr, window, overlap, ...
+      map: {class_column: class}    # pipeline.adapt.MapConfig: steps, lr, window, overlap, pick, check, folds, spacing, pixel
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import numpy as np
 from scipy.stats import norm
 
 from geo.classes import IGNORE_INDEX
-from pipeline.candidates import Candidate, Support
+from pipeline.candidates import PIXEL, Candidate, Support
 
 DEFAULT_FOLDS = 5
 DEFAULT_SPACING = 32
@@ -98,9 +98,10 @@ class Estimate:
     recall: dict[int, float]
     confusion: list[list[int]]
 
-    def key(self) -> tuple[float, float]:
-        """Best first: accuracy, then how much probability the held-out truth got."""
-        return (self.accuracy, self.log_likelihood)
+    def key(self) -> tuple[float, bool, float]:
+        """Best first: accuracy; on a tie the classical pixel classifier (a network counts only
+        where it beats it), then how much probability the held-out truth got."""
+        return (self.accuracy, self.name == PIXEL, self.log_likelihood)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pipeline.candidates import Candidate, FinetuneCandidate, PixelCandidate, ru
 from pipeline.protocol import (
     FINETUNE_STEPS,
     SCENE_FINETUNE_STEPS,
+    SCENE_SHOTS,
     Budget,
     EpisodeShape,
     Protocol,
@@ -122,7 +123,9 @@ def evaluate(
 
     random_model = build_model(first.arch, seed=config.seed).to(device)
     grid = SCENE_FINETUNE_STEPS if protocol == "scene" else FINETUNE_STEPS
-    random_budget = pick_budget(random_model, validation, step_grid=grid)
+    random_budget = pick_budget(
+        random_model, validation, step_grid=grid, shots=(SCENE_SHOTS,) if protocol == "scene" else (1, 5)
+    )
     methods.append(FinetuneCandidate(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))  # type: ignore[arg-type]
     methods.append(PixelCandidate())
     budgets = {

@@ -40,6 +40,8 @@ FINETUNE_STEPS = (3, 10, 25)
 FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3)
 """The grid of fine-tuning budgets tried on validation regions for every method."""
 SCENE_FINETUNE_STEPS = (3, 10, 25, 50)
+SCENE_SHOTS = 5
+"""Labels per class of the scene episodes a segmentation budget is picked on."""
 """The longer step grid of scene episodes: a scene's support (every class, labels spread over many
 windows) takes more steps to fit than a 4-way episode's few tiles."""
 

@@ -39,6 +39,7 @@ from models.r2d2 import RidgeMetaLearner
 from pipeline.candidates import HeadCandidate
 from pipeline.protocol import (
     SCENE_FINETUNE_STEPS,
+    SCENE_SHOTS,
     Budget,
     EpisodeShape,
     SplitIndex,
@@ -229,14 +230,16 @@ def train(
 def _pick_budget(best: LoadedRun, data: SplitIndex, config: TrainConfig, val_episodes: list[Episode]) -> Budget:
     """The fine-tuning budget, picked on validation regions. Segmentation runs pick it on scene
     episodes, built as `adapt` builds its support (every class, labels spread over a scene's
-    tiles), with a longer step grid: the budget is then the one a user's scene needs."""
+    tiles), with a longer step grid, at the 5 labels per class a user typically gives: the budget
+    is then the one a user's scene needs."""
     if config.task != "segmentation":
         return pick_budget(best.model, val_episodes, learned_rates=best.inner_lrs or None)
     scenes = data.episodes(
         "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1, protocol="scene"
     )
     return pick_budget(
-        best.model, scenes, learned_rates=best.inner_lrs or None, step_grid=SCENE_FINETUNE_STEPS
+        best.model, scenes, learned_rates=best.inner_lrs or None, shots=(SCENE_SHOTS,),
+        step_grid=SCENE_FINETUNE_STEPS,
     )
 
 

@@ -6,12 +6,11 @@ methods (those are in benchmarks/adapt_scenes.py).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
 from models.backbones import arch_preset, build_model
-from models.heads import features, labelled_rows, ridge_fit
+from models.heads import CONTEXT_SIZES, features, labelled_rows, ridge_fit
 from pipeline.candidates import LinearScores, PixelCandidate, Support, fit_logistic
 from pipeline.crossval import LabelledScene, cross_validate, spatial_folds, wilson_interval
 
@@ -43,19 +42,28 @@ def test_ridge_primal_and_dual_solutions_agree_and_are_differentiable():
     assert penalty.grad is not None and penalty.grad.abs() > 0
 
 
-def test_features_are_the_embedding_then_the_standardised_bands():
-    arch = arch_preset("tiny", "segmentation", 3, 4)
+def test_features_are_the_embedding_then_the_bands_then_their_neighbourhood_means():
     import dataclasses
 
-    arch = dataclasses.replace(arch, input_mean=(0.1, 0.2, 0.3), input_std=(0.5, 0.5, 0.5))
+    arch = dataclasses.replace(
+        arch_preset("tiny", "segmentation", 3, 4), input_mean=(0.1, 0.2, 0.3), input_std=(0.5, 0.5, 0.5)
+    )
     model = build_model(arch, seed=0).eval()
     images = torch.rand(2, 3, 16, 16)
     values = features(model, images)
-    embedding_width = values.shape[1] - 3
-    assert values.shape == (2, embedding_width + 3, 16, 16) and embedding_width > 0
-    torch.testing.assert_close(values[:, -3:], (images - model.mean) / model.std)
-    rows, labels = labelled_rows(values, torch.full((2, 16, 16), 255).index_put_((torch.tensor([0]), torch.tensor([3]), torch.tensor([5])), torch.tensor(2)))
-    assert rows.shape == (1, embedding_width + 3) and labels.tolist() == [2]
+    embedding_width = values.shape[1] - 3 * (1 + len(CONTEXT_SIZES))
+    assert values.shape == (2, embedding_width + 9, 16, 16) and embedding_width > 0
+    bands = (images - model.mean) / model.std
+    torch.testing.assert_close(values[:, embedding_width:embedding_width + 3], bands)
+    # an interior pixel's 3 x 3 and 5 x 5 means, and a corner's 3 x 3 mean over the 4 pixels it has
+    torch.testing.assert_close(values[0, embedding_width + 3:embedding_width + 6, 7, 9], bands[0, :, 6:9, 8:11].mean(dim=(1, 2)))
+    torch.testing.assert_close(values[0, embedding_width + 6:, 7, 9], bands[0, :, 5:10, 7:12].mean(dim=(1, 2)))
+    torch.testing.assert_close(values[1, embedding_width + 3:embedding_width + 6, 0, 0], bands[1, :, :2, :2].mean(dim=(1, 2)))
+    labels = torch.full((2, 16, 16), 255)
+    labels[0, 3, 5] = 2
+    rows, kept = labelled_rows(values, labels)
+    assert rows.shape == (1, embedding_width + 9) and kept.tolist() == [2]
+    torch.testing.assert_close(rows[0], values[0, :, 3, 5])
 
 
 def test_logistic_head_matches_scikit_learn_and_survives_a_save():
