@@ -232,10 +232,12 @@ def fit_logistic(
 
 
 def run_candidates(run: LoadedRun, name: str, *, source: str = "", seed: int = 0) -> list[Candidate]:
-    """A trained run's two variants: fine-tuned at its picked budget, and its closed-form head."""
+    """A trained run's variants: fine-tuned at its picked budget, and its closed-form head. A run
+    meta-trained through a head (R2-D2) is only its head: its last layer is a stale copy of the
+    weights it started from, which fine-tuning would start from too."""
     config = run.config
     candidates: list[Candidate] = []
-    if config.finetune_steps is not None:
+    if config.finetune_steps is not None and config.head_penalty is None:
         lr = run.inner_lrs if config.finetune_lr is None else config.finetune_lr
         candidates.append(FinetuneCandidate(f"{name} fine-tuned", run.model, config.finetune_steps, lr, seed, source))
     candidates.append(HeadCandidate(

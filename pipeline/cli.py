@@ -295,11 +295,14 @@ def train(
     summary = run_train(index, out, config)
     if summary.resumed_from:
         typer.echo(f"resumed from iteration {summary.resumed_from}")
-    budget = "learned rates" if summary.finetune_lr is None else f"lr {summary.finetune_lr}"
+    rate = "learned rates" if summary.finetune_lr is None else f"lr {summary.finetune_lr}"
+    budget = (
+        "adapts through its closed-form head" if summary.method == "r2d2"
+        else f"fine-tuning budget {summary.finetune_steps} steps, {rate}"
+    )
     typer.echo(
         f"wrote {summary.run_dir}: best validation accuracy {summary.validation_accuracy:.3f} at "
-        f"iteration {summary.best_iteration}; fine-tuning budget {summary.finetune_steps} steps, "
-        f"{budget}; {summary.iterations_per_second:.2f} iterations/s"
+        f"iteration {summary.best_iteration}; {budget}; {summary.iterations_per_second:.2f} iterations/s"
     )
 
 

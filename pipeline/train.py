@@ -228,10 +228,13 @@ def train(
 
 
 def _pick_budget(best: LoadedRun, data: SplitIndex, config: TrainConfig, val_episodes: list[Episode]) -> Budget:
-    """The fine-tuning budget, picked on validation regions. Segmentation runs pick it on scene
+    """The fine-tuning budget, picked on validation regions; none (0 steps) for R2-D2, which
+    adapts through its head: its last layer is not what it meta-trained. Segmentation runs pick it on scene
     episodes, built as `adapt` builds its support (every class, labels spread over a scene's
     tiles), with a longer step grid, at the 5 labels per class a user typically gives: the budget
     is then the one a user's scene needs."""
+    if config.method == "r2d2":
+        return Budget(steps=0, lr=None, validation_accuracy=float("nan"))
     if config.task != "segmentation":
         return pick_budget(best.model, val_episodes, learned_rates=best.inner_lrs or None)
     scenes = data.episodes(

@@ -115,7 +115,8 @@ def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(tr
         assert len(config["bands"]) == config["arch"]["in_channels"] == len(config["arch"]["input_mean"])
         assert config["normalisation"]["divide"] == 10000
         assert config["arch"]["name"] == "unet" and config["first_order"] is False
-        assert config["finetune_steps"] in SCENE_FINETUNE_STEPS  # picked on validation scene episodes
+        if name != "r2d2":
+            assert config["finetune_steps"] in SCENE_FINETUNE_STEPS  # picked on validation scene episodes
         run = load_run(run_dir)
         assert all(torch.equal(run.model.state_dict()[key], value) for key, value in weights["model"].items())
     maml = json.loads((trained_runs["maml"] / "config.json").read_text())
@@ -125,6 +126,7 @@ def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(tr
     assert not saved_weights(trained_runs["pretrain"])["inner_lrs"]
     r2d2 = json.loads((trained_runs["r2d2"] / "config.json").read_text())
     assert r2d2["head_penalty"] > 0 and r2d2["head_scale"] > 0 and r2d2["inner_steps"] is None
+    assert r2d2["finetune_steps"] == 0  # adapts through its head: no fine-tuning budget
     assert maml["head_penalty"] is None  # only a run meta-trained through a ridge head has one
     # finetune_lr None means "fine-tune at the learned rates", which only MAML has
     assert json.loads((trained_runs["pretrain"] / "config.json").read_text())["finetune_lr"] is not None
