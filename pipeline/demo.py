@@ -86,9 +86,10 @@ def main(out: Path) -> None:
         )
         result = train(index, out / "runs" / method, config)
         runs[method] = result.run_dir
+        adapts = "through its head" if method == "r2d2" else f"by {result.finetune_steps} fine-tuning steps"
         say(
             f"  {method}: {result.iterations} iterations in {result.seconds:.0f} s, validation "
-            f"accuracy {result.validation_accuracy:.3f}, budget {result.finetune_steps} steps"
+            f"accuracy {result.validation_accuracy:.3f}, adapts {adapts}"
         )
 
     say("5/6 evaluate (same test scene episodes for every candidate)")
