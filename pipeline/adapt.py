@@ -128,7 +128,7 @@ def adapt(
         {"--model": model_dir, "--image": image, "--labels": labels, **{f"--compare {s}": s for s in sources[1:] if s != PIXEL}},
         reports=config.check,
     )
-    runs = {source: _load(Path(source), config.device) for source in sources if source != PIXEL}
+    runs = {source: _load(Path(source), config.device, f", nor `{PIXEL}`") for source in sources if source != PIXEL}
     if save_adapted is not None:
         if not runs:
             raise DataError(labels, "--save-adapted needs a run among --model/--compare (the pixel classifier alone is not a run)")
@@ -439,9 +439,10 @@ def _check_adapted_dir(save_adapted: Path, model_dir: Path) -> None:
         raise DataError(save_adapted, "holds a training run (train_state.pt); save the adapted model elsewhere")
 
 
-def _load(model_dir: Path, device: str) -> LoadedRun:
+def _load(model_dir: Path, device: str, otherwise: str = "") -> LoadedRun:
+    """A run directory's model; `otherwise` names what else the option would have accepted."""
     if not (Path(model_dir) / "config.json").is_file() or not (Path(model_dir) / "weights.pt").is_file():
-        raise DataError(model_dir, f"is not a run directory (no config.json and weights.pt), nor `{PIXEL}`")
+        raise DataError(model_dir, f"is not a run directory (no config.json and weights.pt){otherwise}")
     torch_device = pick_device(device)
     try:
         run = load_run(model_dir, torch_device)
