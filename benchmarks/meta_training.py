@@ -2,7 +2,7 @@
 
     python -m benchmarks.meta_training [--device auto|cpu|cuda] [--size tiny|base] [--steps N]
 
-Times `MetaLearner.meta_train_step` on the demo's episode shape (4-way, 5 labelled pixels per
+Times `Maml.step` on the demo's episode shape (4-way, 5 labelled pixels per
 class, 2 query tiles of 32 px, 13 bands, meta-batch 4, 3 inner steps) with episodes drawn
 beforehand, so only the meta-step is measured. Prints a Markdown row per setting.
 """
@@ -18,7 +18,8 @@ import torch
 from geo.sample_data import write_sen12ms
 from models.backbones import arch_preset, build_model
 from models.device import pick_device
-from models.maml import MetaLearner
+from models.learner import LearnerSettings
+from models.maml import Fomaml, Maml
 from pipeline.ingest import ingest
 from pipeline.protocol import EpisodeShape, load_split_index
 from pipeline.regions import build_regions
@@ -35,13 +36,13 @@ def iterations_per_second(
     batches: list[list], device: torch.device, size: str, first_order: bool, in_channels: int
 ) -> float:
     model = build_model(arch_preset(size, "segmentation", in_channels, 10), seed=0).to(device)
-    learner = MetaLearner(model, steps=3, inner_lr=0.1, first_order=first_order)
-    learner.meta_train_step(batches[0])  # warm-up: allocator, kernels
+    learner = (Fomaml if first_order else Maml)(model, LearnerSettings(inner_steps=3, inner_lr=0.1))
+    learner.step(batches[0], 0)  # warm-up: allocator, kernels
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for batch in batches[1:]:
-        learner.meta_train_step(batch)
+        learner.step(batch, 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (len(batches) - 1) / (time.perf_counter() - started)

@@ -220,6 +220,22 @@ def replace_batchnorm(module: nn.Module, max_groups: int) -> nn.Module:
     return module
 
 
+def last_layer(model: nn.Module) -> nn.Module:
+    """The layer whose input is the embedding: smp's `segmentation_head`, or a classifier's `head`."""
+    net = model.net if isinstance(model, Standardized) else model
+    for name in ("segmentation_head", "head"):
+        layer = getattr(net, name, None)
+        if isinstance(layer, nn.Module):
+            return layer
+    raise TypeError(f"{type(net).__name__} has no segmentation_head or head to take an embedding from")
+
+
+def last_layer_names(model: nn.Module) -> frozenset[str]:
+    """Names (in `model.named_parameters()`) of the last layer's parameters: what ANIL adapts."""
+    own = {id(parameter) for parameter in last_layer(model).parameters()}
+    return frozenset(name for name, parameter in model.named_parameters() if id(parameter) in own)
+
+
 def episode_logits(logits: Tensor, classes: Tensor | None) -> Tensor:
     """The columns (dim 1) of an episode's global class ids, in their order; None keeps all."""
     return logits if classes is None else logits.index_select(1, classes)

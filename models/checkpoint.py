@@ -1,6 +1,6 @@
 """A run directory: what a trained model is, and how its training resumes after a kill.
 
-    weights.pt      {"model": state dict, "inner_lrs": {parameter name: rate} or {}}
+    weights.pt      {"model": state dict, "inner_lrs": {parameter name: rate tensor} or {}}
     config.json     RunConfig: method, task, architecture, classes, bands, normalisation,
                     inner loop, fine-tuning budget picked on validation, seed, iterations done
     train_state.pt  module and optimiser state, iteration, RNG states (torch, CUDA, numpy, python)
@@ -58,6 +58,8 @@ class RunConfig:
     head_scale: float | None = None
     """Ridge penalty and logit scale of the closed-form head a run was meta-trained through
     (R2-D2); None for runs without one, whose closed-form variant is a logistic head."""
+    seconds_per_iteration: float | None = None
+    """Mean wall time of one training iteration, for the cost column of reports."""
     settings: dict[str, Any] = field(default_factory=dict)
     """The training settings as given, for the record."""
 
@@ -80,8 +82,9 @@ class RunConfig:
 class LoadedRun:
     model: nn.Module
     config: RunConfig
-    inner_lrs: dict[str, float]
-    """Learned per-tensor inner rates; empty for methods without them."""
+    inner_lrs: dict[str, float | Tensor]
+    """Learned inner rates as saved: a float per tensor, or a tensor per element (Meta-SGD) or per
+    step (MAML++); empty for methods without them."""
 
 
 def save_run(
@@ -92,7 +95,7 @@ def save_run(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rates = {
-        name: torch.as_tensor(rate).detach().to("cpu", torch.float64).reshape(())
+        name: torch.as_tensor(rate).detach().to("cpu", torch.float64)
         for name, rate in (inner_lrs or {}).items()
     }
     weights = {"model": _cpu(model.state_dict()), "inner_lrs": rates}
@@ -111,7 +114,10 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> LoadedRun:
     weights = torch.load(Path(run_dir) / WEIGHTS, map_location="cpu", weights_only=True)
     model = build_model(config.arch)
     model.load_state_dict(weights["model"])
-    rates = {name: float(rate) for name, rate in weights["inner_lrs"].items()}
+    rates = {
+        name: float(rate) if rate.ndim == 0 else rate.float()
+        for name, rate in weights["inner_lrs"].items()
+    }
     return LoadedRun(model.to(device).eval(), config, rates)
 
 
@@ -120,7 +126,7 @@ def save_train_state(
 ) -> None:
     """Everything needed to continue training after `iteration` steps as if never stopped.
 
-    `module` is what is trained: the MetaLearner (model + inner log-rates) or the model itself.
+    `module` is what is trained: the learner (model + what it learns beside it).
     """
     state = {
         "module": _cpu(module.state_dict()),

@@ -12,6 +12,7 @@ different for each method.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from models.backbones import IGNORE_INDEX, episode_logits
 from models.device import as_images, as_labels, autocast, model_device
-from models.maml import Rates, inner_step, per_tensor_rates
+from models.maml import Schedule, adapted_names, inner_step, rates_at
 
 
 def finetune(
@@ -29,12 +30,16 @@ def finetune(
     classes: np.ndarray | Tensor,
     *,
     steps: int,
-    lr: float | Rates,
+    lr: Schedule,
     seed: int = 0,
+    only: Collection[str] | None = None,
+    first_step: int = 0,
 ) -> nn.Module:
     """A copy of `model` after `steps` SGD steps on the support set (labels 0..N-1 of `classes`).
 
-    `lr` is one rate, or one per parameter tensor (a MAML run's learned rates). 0 steps, or a
+    `lr` is one rate, or a run's learned rates (`models.maml.Schedule`); `only` limits the update
+    to those parameters (ANIL's last layer); `first_step` continues a per-step schedule (a copy
+    already tuned for that many steps). 0 steps, or a
     support set without a labelled item, give an unchanged copy. The seed is applied in a forked
     RNG, so the result depends on (model, support, budget, seed) only. Gradients are switched
     on inside, so callers may hold `torch.no_grad()`.
@@ -46,14 +51,15 @@ def finetune(
         return tuned.eval()
     images, class_ids = as_images(tuned, support_x), as_labels(classes, device)
     params = {name: p.detach().requires_grad_() for name, p in tuned.named_parameters()}
-    lrs = per_tensor_rates(params, lr)
+    names = adapted_names(params, only)
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
         torch.manual_seed(seed)
-        for _ in range(steps):
+        for step in range(steps):
             with autocast(device):
                 params = inner_step(
-                    tuned, params, images, labels, class_ids, lrs, create_graph=False
+                    tuned, params, images, labels, class_ids, rates_at(lr, names, first_step + step),
+                    create_graph=False, only=only,
                 )
             params = {name: p.detach().requires_grad_() for name, p in params.items()}
     with torch.no_grad():

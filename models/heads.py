@@ -29,22 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.backbones import IGNORE_INDEX, Standardized
+from models.backbones import IGNORE_INDEX, Standardized, last_layer
 from models.device import as_images, autocast, model_device
 
 FEATURE_EPSILON = 1e-6
 CONTEXT_SIZES = (3, 5)
 """Sides of the neighbourhoods whose band means join a pixel's features."""
-
-
-def _last_layer(model: nn.Module) -> nn.Module:
-    """The layer whose input is the embedding: smp's `segmentation_head`, or a classifier's `head`."""
-    net = model.net if isinstance(model, Standardized) else model
-    for name in ("segmentation_head", "head"):
-        layer = getattr(net, name, None)
-        if isinstance(layer, nn.Module):
-            return layer
-    raise TypeError(f"{type(net).__name__} has no segmentation_head or head to take an embedding from")
 
 
 def standardised_bands(model: nn.Module, images: Tensor) -> Tensor:
@@ -60,7 +50,7 @@ def features(model: nn.Module, images: Tensor) -> Tensor:
     Differentiable with respect to the model's parameters (no `no_grad` inside).
     """
     captured: list[Tensor] = []
-    hook = _last_layer(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+    hook = last_layer(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
     try:
         model(images)
     finally:

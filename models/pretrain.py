@@ -7,35 +7,31 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from models.backbones import episode_loss
 from models.device import as_images, as_labels, autocast, model_device
+from models.learner import Learner, LearnerSettings
 
 
-def pretrain_optimizer(model: nn.Module, lr: float = 1e-3) -> torch.optim.Optimizer:
-    """Adam, like MAML's outer loop, so the two methods differ in their objective only."""
-    return torch.optim.Adam(model.parameters(), lr=lr)
+class Pretrain(Learner):
+    """Adam on cross-entropy over all classes (labels are global ids, 255 ignored), like MAML's
+    outer loop, so the two differ in their objective only; gradient-norm clipped likewise."""
 
+    name = "pretrain"
+    episodic = False
 
-def pretrain_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: np.ndarray | Tensor,
-    labels: np.ndarray | Tensor,
-    *,
-    max_grad_norm: float = 10.0,
-) -> float:
-    """One step of cross-entropy over all classes (labels are global ids, 255 ignored).
+    def __init__(self, model: nn.Module, settings: LearnerSettings = LearnerSettings()) -> None:
+        super().__init__(model, settings)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.outer_lr)
 
-    Gradient-norm clipped like MAML's outer step.
-    """
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    device = model_device(model)
-    with autocast(device):
-        loss = episode_loss(model(as_images(model, images)), as_labels(labels, device))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    return loss.item()
+    def step(self, batch: tuple[np.ndarray, np.ndarray], iteration: int) -> float:
+        images, labels = batch
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        device = model_device(self.model)
+        with autocast(device):
+            loss = episode_loss(self.model(as_images(self.model, images)), as_labels(labels, device))
+        loss.backward()
+        self.clip_and_step()
+        return loss.item()

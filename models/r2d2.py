@@ -16,31 +16,35 @@ import torch
 from torch import Tensor, nn
 
 from models.backbones import episode_loss
-from models.device import autocast, model_device
+from models.device import model_device
 from models.heads import features, labelled_rows, ridge_fit
-from models.maml import EpisodeLike, TaskTensors, task_tensors
+from models.learner import EpisodeLike, Learner, LearnerSettings, TaskTensors
 
 INITIAL_PENALTY = 1.0
 INITIAL_SCALE = 10.0
 
 
-class RidgeMetaLearner(nn.Module):
+class RidgeLearner(Learner):
     """A model, the head's log-penalty and log-scale, and the outer Adam optimiser."""
 
+    name = "r2d2"
+    adaptation = "ridge"
+
     def __init__(
-        self, model: nn.Module, *, outer_lr: float = 1e-3, max_grad_norm: float = 10.0,
-        penalty: float = INITIAL_PENALTY, scale: float = INITIAL_SCALE,
+        self, model: nn.Module, settings: LearnerSettings = LearnerSettings(),
+        *, penalty: float = INITIAL_PENALTY, scale: float = INITIAL_SCALE,
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model, settings)
         device = model_device(model)
         self.log_penalty = nn.Parameter(torch.tensor(math.log(penalty), device=device))
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale), device=device))
-        self.max_grad_norm = max_grad_norm
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=outer_lr)
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=settings.outer_lr)
 
     def penalty(self) -> float:
         return float(self.log_penalty.detach().exp())
+
+    def run_fields(self) -> dict:
+        return {"head_penalty": self.penalty(), "head_scale": float(self.log_scale.detach().exp())}
 
     def task_loss(self, task: TaskTensors) -> Tensor:
         """Query loss of the ridge head fitted on the task's support set."""
@@ -49,16 +53,6 @@ class RidgeMetaLearner(nn.Module):
         logits = head.logits(features(self.model, task.query_x)) * self.log_scale.exp()
         return episode_loss(logits, task.query_y)
 
-    def meta_train_step(self, episodes: Sequence[EpisodeLike]) -> float:
+    def step(self, batch: Sequence[EpisodeLike], iteration: int) -> float:
         """One Adam step on the mean query loss of a meta-batch; returns that loss."""
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        device, total = model_device(self.model), 0.0
-        for episode in episodes:
-            with autocast(device):
-                loss = self.task_loss(task_tensors(self.model, episode)) / len(episodes)
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        return total
+        return self.accumulate(batch, self.task_loss)

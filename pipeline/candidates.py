@@ -7,6 +7,8 @@ them alike.
 - `HeadCandidate`: the same network frozen, a closed-form head fitted on its per-pixel features
   (embedding + standardised bands, `models.heads`): a ridge head for runs meta-trained through one
   (R2-D2), a logistic head otherwise. No step budget.
+- `PrototypeCandidate`: the frozen network's nearest class prototype on the same features
+  (prototypical networks). No step budget.
 - `PixelCandidate`: the classical baseline that GIS plugins offer, a logistic regression on each
   pixel's band values (per-band mean and standard deviation of a tile, for classification).
 
@@ -15,7 +17,7 @@ classes, (B, N, H, W) for windows or (B, N) for tiles.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,9 +27,14 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from geo.classes import IGNORE_INDEX
+from models.backbones import last_layer_names
 from models.checkpoint import LoadedRun
 from models.finetune import finetune, predict
 from models.heads import features_numpy, labelled_rows, ridge_fit
+from models.learner import FINETUNE_ADAPTATIONS
+from models.learners import LEARNERS
+from models.maml import Schedule
+from models.protonet import prototype_head, prototypes
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 PIXEL = "pixel"
@@ -81,22 +88,29 @@ class FinetuneCandidate:
     name: str
     model: nn.Module
     steps: int
-    lr: float | Mapping[str, float]
+    lr: Schedule
     seed: int = 0
     source: str = ""
     """The run directory the network comes from (to save an adapted copy)."""
+    only: Collection[str] | None = None
+    """The parameters fine-tuning changes (ANIL: the last layer's); None: all."""
     fits_on_context: bool = False
 
     def fit(self, support: Support) -> Tuned:
         tuned = finetune(
             self.model, support.images, support.labels, support.classes,
-            steps=self.steps, lr=self.lr, seed=self.seed,
+            steps=self.steps, lr=self.lr, seed=self.seed, only=self.only,
         )
         return Tuned(tuned, support.classes)
 
     def describe(self) -> dict[str, Any]:
-        rate = "learned per-tensor rates" if isinstance(self.lr, Mapping) else self.lr
-        return {"kind": "fine-tuned", "steps": self.steps, "lr": rate}
+        rate: Any = self.lr
+        if isinstance(self.lr, Mapping):
+            rate = "learned rates"
+        elif isinstance(self.lr, Sequence):
+            rate = "learned per-step rates"
+        what = "fine-tuned" if self.only is None else "last layer fine-tuned"
+        return {"kind": what, "steps": self.steps, "lr": rate}
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,35 @@ class HeadCandidate:
 
 
 @dataclass(frozen=True)
+class PrototypeCandidate:
+    """A frozen network scoring each pixel by its distance to the classes' mean features."""
+
+    name: str
+    model: nn.Module
+    source: str = ""
+    fits_on_context: bool = True
+
+    def featurize(self, images: np.ndarray) -> np.ndarray:
+        return features_numpy(self.model, images)
+
+    def fit(self, support: Support) -> Predictor:
+        if support.labelled == 0:
+            return uniform(support)
+        values = self.featurize(support.images)
+        rows, labels = labelled_rows(torch.from_numpy(values), torch.from_numpy(support.labels).long())
+        means, present = prototypes(rows, labels, len(support.classes))
+        weights, bias = prototype_head(means[present])
+        width = values.shape[1]
+        return LinearScores(
+            mean=np.zeros(width), scale=np.ones(width), weights=weights.numpy(), bias=bias.numpy(),
+            columns=np.flatnonzero(present.numpy()), count=len(support.classes), featurize=self.featurize,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "nearest class prototype (mean features of the labels)"}
+
+
+@dataclass(frozen=True)
 class PixelCandidate:
     """Logistic regression on band values: the classical baseline every network must beat."""
 
@@ -232,14 +275,26 @@ def fit_logistic(
 
 
 def run_candidates(run: LoadedRun, name: str, *, source: str = "", seed: int = 0) -> list[Candidate]:
-    """A trained run's variants: fine-tuned at its picked budget, and its closed-form head. A run
-    meta-trained through a head (R2-D2) is only its head: its last layer is a stale copy of the
-    weights it started from, which fine-tuning would start from too."""
+    """A trained run's variants, its learner's own adaptation first: fine-tuned at its picked
+    budget (every weight, or the last layer for ANIL), or its prototypes (ProtoNet), or its ridge
+    head (R2-D2); then a closed-form head on its features, unless the own adaptation is a head.
+    An R2-D2 run is only its head: its last layer is a stale copy of the weights it started from,
+    which fine-tuning would start from too."""
     config = run.config
+    learner = LEARNERS.get(config.method.removesuffix(" adapted"))
+    if learner is None:
+        raise ValueError(f"method {config.method!r} is none of {', '.join(LEARNERS)}")
     candidates: list[Candidate] = []
-    if config.finetune_steps is not None and config.head_penalty is None:
-        lr = run.inner_lrs if config.finetune_lr is None else config.finetune_lr
-        candidates.append(FinetuneCandidate(f"{name} fine-tuned", run.model, config.finetune_steps, lr, seed, source))
+    if learner.adaptation in FINETUNE_ADAPTATIONS and config.finetune_steps is not None:
+        lr = config.finetune_lr if config.finetune_lr is not None else learner.test_rates(run.inner_lrs)
+        if lr is None:
+            raise ValueError("the run has neither a fine-tuning rate nor learned inner rates")
+        only = last_layer_names(run.model) if learner.adaptation == "finetune-head" else None
+        candidates.append(FinetuneCandidate(
+            f"{name} fine-tuned", run.model, config.finetune_steps, lr, seed, source, only,
+        ))
+    if learner.adaptation == "prototypes":
+        candidates.append(PrototypeCandidate(f"{name} prototypes", run.model, source=source))
     candidates.append(HeadCandidate(
         f"{name} head", run.model, ridge_penalty=config.head_penalty, ridge_scale=config.head_scale or 1.0,
         source=source,

@@ -242,7 +242,12 @@ EVALUATE_DEFAULT = "Default: EvaluateConfig's (pipeline/evaluate.py)."
 @reports_user_errors
 def train(
     index: Path = typer.Argument(..., help="Index with regions and splits (`landcover regions`)."),
-    method: str = typer.Option("maml", "--method", help="maml, fomaml, r2d2 (meta-trained through a closed-form ridge head) or pretrain."),
+    method: str = typer.Option(
+        "maml", "--method",
+        help="protonet (prototypes, no fine-tuning), reptile, anil (last layer adapts), metasgd "
+        "(a rate per weight), mamlpp (MAML++), maml-ga (gradient agreement), maml, fomaml, r2d2 "
+        "(ridge head) or pretrain.",
+    ),
     task: str = typer.Option("segmentation", "--task", help="classification or segmentation."),
     iterations: int | None = typer.Option(
         None, "--iterations", min=1, help=f"Outer steps (MAML) or batches (pretrain). {TRAIN_DEFAULT}"
@@ -270,9 +275,26 @@ def train(
     init_from: Path | None = typer.Option(
         None, "--init-from", help="Start from the weights of this run (e.g. MAML from pretrain)."
     ),
+    inner_steps: int | None = typer.Option(
+        None, "--inner-steps", min=0, help=f"Inner SGD steps per task (MAML family, Reptile). {TRAIN_DEFAULT}"
+    ),
+    inner_lr: float | None = typer.Option(
+        None, "--inner-lr", help=f"Initial inner SGD rate (MAML family). {TRAIN_DEFAULT}"
+    ),
+    reptile_step: float | None = typer.Option(
+        None, "--reptile-step",
+        help=f"Reptile: fraction of the way to the adapted weights, annealed to 0. {TRAIN_DEFAULT}",
+    ),
+    reptile_inner_lr: float | None = typer.Option(
+        None, "--reptile-inner-lr", help=f"Reptile: inner SGD rate. {TRAIN_DEFAULT}"
+    ),
+    second_order_from: float | None = typer.Option(
+        None, "--second-order-from",
+        help=f"MAML++: fraction of the run trained first-order before second order. {TRAIN_DEFAULT}",
+    ),
     out: Path = typer.Option(..., "--out", help="Run directory; training resumes if it holds one."),
 ) -> None:
-    """Meta-train (MAML, FOMAML, R2-D2) or pretrain a model; pick its fine-tuning budget on validation.
+    """Train a few-shot learner (or pretrain a model); pick its fine-tuning budget on validation.
 
     Run again on the same --out after an interruption, it continues from the last checkpoint.
     """
@@ -288,6 +310,8 @@ def train(
                 iterations=iterations, validate_every=validate_every,
                 validation_episodes=validation_episodes, checkpoint_every=checkpoint_every,
                 init_from=None if init_from is None else str(init_from.resolve()),
+                inner_steps=inner_steps, inner_lr=inner_lr, reptile_step=reptile_step,
+                reptile_inner_lr=reptile_inner_lr, second_order_from=second_order_from,
             ),
         )
     except ValueError as error:
@@ -297,8 +321,8 @@ def train(
         typer.echo(f"resumed from iteration {summary.resumed_from}")
     rate = "learned rates" if summary.finetune_lr is None else f"lr {summary.finetune_lr}"
     budget = (
-        "adapts through its closed-form head" if summary.method == "r2d2"
-        else f"fine-tuning budget {summary.finetune_steps} steps, {rate}"
+        f"fine-tuning budget {summary.finetune_steps} steps, {rate}" if summary.adaptation.startswith("finetune")
+        else f"adapts by its {summary.adaptation} (no fine-tuning)"
     )
     typer.echo(
         f"wrote {summary.run_dir}: best validation accuracy {summary.validation_accuracy:.3f} at "

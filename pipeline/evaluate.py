@@ -1,8 +1,10 @@
 """The `evaluate` step: every candidate on the same held-out episodes and shot counts; a report
 with a table and a plot.
 
-Each run is scored twice: fine-tuned at its own budget picked on validation regions, and with a
-closed-form head on its features (`pipeline.candidates`). Two references need no run directory
+Each run is scored by its learner's own adaptation (fine-tuned at the budget picked on validation
+regions, or its prototypes, or its ridge head) and with a closed-form head on its features
+(`pipeline.candidates`). Every row carries its cost: the run's seconds per training iteration,
+and the seconds to adapt to one episode, measured here. Two references need no run directory
 and are always in the report: random init (the first run's architecture with fresh weights, its
 budget picked on validation like the others') and the classical per-pixel logistic regression
 (`pixel`), so every report shows whether the networks beat it.
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -129,8 +132,13 @@ def evaluate(
     methods.append(FinetuneCandidate(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))  # type: ignore[arg-type]
     methods.append(PixelCandidate())
     budgets = {
-        m.name: Budget(m.steps, None if isinstance(m.lr, dict) else m.lr, float("nan"))  # type: ignore[arg-type]
+        m.name: Budget(m.steps, m.lr if isinstance(m.lr, float) else None, float("nan"))
         for m in methods if isinstance(m, FinetuneCandidate)
+    }
+    per_iteration = {
+        candidate.name: run.config.seconds_per_iteration
+        for name, run_dir, run in zip(_names(run_dirs, runs), run_dirs, runs)
+        for candidate in run_candidates(run, name, source=str(run_dir))
     }
     budgets[RANDOM_INIT] = random_budget
 
@@ -138,12 +146,16 @@ def evaluate(
     bar = tqdm(total=len(methods) * len(config.shots) * len(test), desc="evaluate", disable=not progress)
     for method in methods:
         for shots in config.shots:
-            per_episode = []
+            per_episode, seconds = [], []
             for number, episode in enumerate(test):
                 cut = fewer_shots(episode, shots, seed=number)
-                per_episode.append(score_candidate(method, cut))
+                per_episode.append(score_candidate(method, cut, seconds))
                 bar.update(1)
-            rows.append(_summarise(method.name, shots, per_episode, segmentation=task == "segmentation"))
+            row = _summarise(method.name, shots, per_episode, segmentation=task == "segmentation")
+            rows.append({
+                **row, "adapt_seconds": float(np.mean(seconds)),
+                "train_seconds_per_iteration": per_iteration.get(method.name) or float("nan"),
+            })
     bar.close()
     results = pd.DataFrame(rows)
     notes = _notes(methods, task, config, len(test), protocol)

@@ -6,7 +6,8 @@ when training and when choosing the budget.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ from torch import nn
 from geo.errors import DataError
 from geo.index import read_index
 from models.finetune import finetune, predict
+from models.maml import Schedule
 from models.metrics import episode_scores
 from pipeline.candidates import Candidate, Support
 from tasks.episodes import (
@@ -34,7 +36,6 @@ from tasks.episodes import (
 
 Task = Literal["classification", "segmentation"]
 Protocol = Literal["episode", "scene"]
-Rate = float | Mapping[str, float]
 
 FINETUNE_STEPS = (3, 10, 25)
 FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3)
@@ -148,16 +149,19 @@ def load_split_index(path: Path) -> SplitIndex:
 
 
 def score_episode(
-    model: nn.Module, episode: Episode, *, steps: int, lr: Rate, seed: int = 0
+    model: nn.Module, episode: Episode, *, steps: int, lr: Schedule, seed: int = 0
 ) -> dict[str, float]:
     """Fine-tune on the support set, predict the query set, score it."""
     return score_queries(_tune(model, episode, steps, lr, seed), episode)
 
 
-def _tune(model: nn.Module, episode: Episode, steps: int, lr: Rate, seed: int) -> nn.Module:
+def _tune(
+    model: nn.Module, episode: Episode, steps: int, lr: Schedule, seed: int,
+    *, only: Collection[str] | None = None, first_step: int = 0,
+) -> nn.Module:
     return finetune(
         model, episode.support_images, episode.support_labels, episode.classes,
-        steps=steps, lr=lr, seed=seed,
+        steps=steps, lr=lr, seed=seed, only=only, first_step=first_step,
     )
 
 
@@ -175,9 +179,16 @@ def episode_support(episode: Episode) -> Support:
     return Support(episode.support_images, episode.support_labels, episode.classes)
 
 
-def score_candidate(candidate: Candidate, episode: Episode) -> dict[str, float]:
-    """Fit a candidate on the support set, predict the query set, score it."""
-    predicted = candidate.fit(episode_support(episode))(episode.query_images).argmax(axis=1)
+def score_candidate(
+    candidate: Candidate, episode: Episode, fit_seconds: list[float] | None = None
+) -> dict[str, float]:
+    """Fit a candidate on the support set, predict the query set, score it; the fit's wall time
+    is appended to `fit_seconds` when given."""
+    started = time.perf_counter()
+    predictor = candidate.fit(episode_support(episode))
+    if fit_seconds is not None:
+        fit_seconds.append(time.perf_counter() - started)
+    predicted = predictor(episode.query_images).argmax(axis=1)
     return episode_scores(
         episode.query_labels, predicted, len(episode.classes),
         segmentation=episode.query_labels.ndim > 1,
@@ -190,7 +201,7 @@ def mean_candidate_accuracy(candidate: Candidate, episodes: Sequence[Episode]) -
 
 
 def mean_accuracy(
-    model: nn.Module, episodes: Sequence[Episode], *, steps: int, lr: Rate
+    model: nn.Module, episodes: Sequence[Episode], *, steps: int, lr: Schedule
 ) -> float:
     """Mean query accuracy over episodes after fine-tuning: the validation score."""
     return float(np.mean([
@@ -212,13 +223,15 @@ def pick_budget(
     model: nn.Module,
     episodes: Sequence[Episode],
     *,
-    learned_rates: Mapping[str, float] | None = None,
+    learned_rates: Schedule | None = None,
     shots: Sequence[int] = (1, 5),
     step_grid: Sequence[int] = FINETUNE_STEPS,
+    only: Collection[str] | None = None,
 ) -> Budget:
     """The (steps, rate) of best mean validation accuracy over `shots`, from the shared grid.
 
-    A model with learned inner rates (MAML) also tries its own rates at each step count.
+    A model with learned inner rates (MAML and its relatives) also tries its own rates at each
+    step count; `only` fine-tunes those parameters alone (ANIL).
     """
     rates: list[float | None] = list(FINETUNE_LRS) + ([None] if learned_rates else [])
     cut = [
@@ -233,7 +246,7 @@ def pick_budget(
             # full-batch SGD has no state, so the step counts of the grid are one run's checkpoints
             tuned, done = model, 0
             for position, steps in enumerate(step_grid):
-                tuned, done = _tune(tuned, episode, steps - done, rate, number), steps
+                tuned, done = _tune(tuned, episode, steps - done, rate, number, only=only, first_step=done), steps
                 totals[position] += score_queries(tuned, episode)["accuracy"]
         for position, steps in enumerate(step_grid):
             accuracy = float(totals[position] / len(cut))

@@ -20,11 +20,17 @@ class ReportFiles:
     """The Markdown accuracy table, as printed by the CLI and published as a Prefect artifact."""
 
 
+COSTS = {"train_seconds_per_iteration": "train s/iteration", "adapt_seconds": "adapt s/episode"}
+"""Cost columns of the accuracy table (the adapt time at the most shots), when results have them."""
+
+
 def summary_table(results: pd.DataFrame, metric: str = "accuracy") -> str:
-    """Methods as rows, shot counts as columns, `mean ± half-interval` cells, like the paper."""
+    """Methods as rows, shot counts as columns, `mean ± half-interval` cells, like the paper; the
+    accuracy table ends with the cost columns."""
     shots = sorted(results["shots"].unique())
-    header = "| method | " + " | ".join(f"{s} shot" if s == 0 else str(s) for s in shots) + " |"
-    lines = [header, "|---|" + "---|" * len(shots)]
+    costs = [column for column in COSTS if column in results.columns] if metric == "accuracy" else []
+    header = "| method | " + " | ".join([f"{s} shot" if s == 0 else str(s) for s in shots] + [COSTS[c] for c in costs]) + " |"
+    lines = [header, "|---|" + "---|" * (len(shots) + len(costs))]
     for method, rows in results.groupby("method", sort=False):
         by_shots = rows.set_index("shots")
         cells = []
@@ -36,6 +42,9 @@ def summary_table(results: pd.DataFrame, metric: str = "accuracy") -> str:
             half = (by_shots.at[s, f"{metric}_high"] - by_shots.at[s, f"{metric}_low"]) / 2
             # one episode has no interval: the mean alone
             cells.append(f"{mean:.3f}" if pd.isna(half) else f"{mean:.3f} ± {half:.3f}")
+        for column in costs:
+            value = rows.sort_values("shots")[column].iloc[-1]
+            cells.append("—" if pd.isna(value) else f"{value:.3g}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,5 +1,7 @@
-"""The `train` step: meta-train with MAML/FOMAML or through a closed-form ridge head (R2-D2), or
-pretrain on pooled regions, into a run dir.
+"""The `train` step: train one of `models.learners.LEARNERS` (ProtoNet, Reptile, ANIL, Meta-SGD,
+MAML++, MAML with gradient agreement, MAML, FOMAML, R2-D2, or pretraining on pooled regions) into
+a run dir. Everything here is the same for every learner: batches, validation through the
+learner's own test-time adaptation, checkpoints, early stopping and the budget pick.
 
 Training resumes: every `checkpoint_every` iterations the whole training state is saved, and a
 run started again on the same directory continues from there and ends where an uninterrupted run
@@ -32,11 +34,11 @@ from models.checkpoint import (
     save_run,
     save_train_state,
 )
+from models.backbones import last_layer_names
 from models.device import pick_device
-from models.maml import MetaLearner
-from models.pretrain import pretrain_optimizer, pretrain_step
-from models.r2d2 import RidgeMetaLearner
-from pipeline.candidates import HeadCandidate
+from models.learner import FINETUNE_ADAPTATIONS, Learner, LearnerSettings
+from models.learners import LEARNERS
+from pipeline.candidates import run_candidates
 from pipeline.protocol import (
     SCENE_FINETUNE_STEPS,
     SCENE_SHOTS,
@@ -45,22 +47,20 @@ from pipeline.protocol import (
     SplitIndex,
     Task,
     load_split_index,
-    mean_accuracy,
     mean_candidate_accuracy,
     pick_budget,
 )
 from tasks.episodes import Episode, capable_regions, episode_rng
 
-Method = Literal["maml", "fomaml", "r2d2", "pretrain"]
-METHODS: tuple[str, ...] = ("maml", "fomaml", "r2d2", "pretrain")
-INNER_LOOP_METHODS = ("maml", "fomaml")
+METHODS: tuple[str, ...] = tuple(LEARNERS)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one training run; every field is recorded in the run's config.json."""
 
-    method: Method = "maml"
+    method: str = "maml"
+    """One of `METHODS`."""
     task: Task = "segmentation"
     iterations: int = 300
     seed: int = 0
@@ -69,15 +69,18 @@ class TrainConfig:
     shape: EpisodeShape = field(default_factory=EpisodeShape)
     meta_batch: int = 4
     inner_steps: int = 3
-    inner_lr: float = 0.01
-    """Initial inner SGD rate. 0.1 diverges on the U-Net (3 steps raise a pretrained model's
-    support loss 0.71 -> 1.85), and a diverging inner loop gives MAML nothing to learn."""
+    inner_lr: float = LearnerSettings.inner_lr
+    """Initial inner SGD rate (see `models.learner.LearnerSettings`)."""
     learn_inner_lr: bool = True
-    lr: float = 1e-3
-    """Outer Adam rate (MAML) or Adam rate (pretrain)."""
-    rate_lr: float = 0.03
+    lr: float = LearnerSettings.outer_lr
+    """Outer Adam rate (meta-learners) or Adam rate (pretrain, ProtoNet, R2-D2)."""
+    rate_lr: float = LearnerSettings.rate_lr
     """Outer Adam rate of the learned log inner rates: at `lr` they move ~0.1% a step and stay
     at their initial value through a demo-length run."""
+    reptile_step: float = LearnerSettings.reptile_step
+    reptile_inner_lr: float = LearnerSettings.reptile_inner_lr
+    second_order_from: float = LearnerSettings.second_order_from
+    """MAML++: the fraction of the run trained first-order."""
     batch_size: int = 16
     """Tiles per pretraining batch."""
     validate_every: int = 25
@@ -105,8 +108,11 @@ class TrainConfig:
         for name, least in at_least.items():
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
-        if self.inner_lr <= 0 or self.lr <= 0 or self.rate_lr <= 0:
-            raise ValueError(f"inner_lr and lr must be positive, got {self.inner_lr} and {self.lr}")
+        for name in ("inner_lr", "lr", "rate_lr", "reptile_step", "reptile_inner_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.second_order_from <= 1:
+            raise ValueError(f"second_order_from must be within 0..1, got {self.second_order_from}")
         if self.shape.k_shot < 1 or (self.task == "classification" and self.shape.q_queries < 1):
             raise ValueError(
                 "shape: training episodes need at least 1 shot (and, for classification, 1 query)"
@@ -114,6 +120,14 @@ class TrainConfig:
 
     def settings(self) -> dict:
         return dataclasses.asdict(self)
+
+    def learner_settings(self) -> LearnerSettings:
+        return LearnerSettings(
+            inner_steps=self.inner_steps, inner_lr=self.inner_lr, learn_inner_lr=self.learn_inner_lr,
+            outer_lr=self.lr, rate_lr=self.rate_lr, iterations=self.iterations,
+            reptile_step=self.reptile_step, reptile_inner_lr=self.reptile_inner_lr,
+            second_order_from=self.second_order_from,
+        )
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,8 @@ class TrainSummary:
     finetune_lr: float | None
     seconds: float
     iterations_per_second: float
+    adaptation: str = "finetune"
+    """How the learner adapts at test time (`models.learner.Adaptation`)."""
     resumed_from: int = 0
     """The iteration an interrupted run in the same directory had reached (0: a fresh start)."""
 
@@ -159,12 +175,7 @@ def train(
         method=config.method, task=config.task, arch=arch,
         class_names=data.class_names, class_colors=data.class_colors, bands=data.bands,
         normalisation={"clip": [0, 10000], "divide": 10000, "uint8_divide": 255},
-        seed=config.seed,
-        inner_steps=config.inner_steps if config.method in INNER_LOOP_METHODS else None,
-        inner_lr=config.inner_lr if config.method in INNER_LOOP_METHODS else None,
-        learn_inner_lr=config.learn_inner_lr and config.method in INNER_LOOP_METHODS,
-        first_order=config.method == "fomaml",
-        settings=config.settings(),
+        seed=config.seed, settings=config.settings(),
     )
     saved = _saved_progress(out_dir, run_config)  # refuse a foreign run before any work
     device = pick_device(config.device)
@@ -175,11 +186,12 @@ def train(
     val_episodes = data.episodes(
         "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1
     )
-    trainer = _TRAINERS[config.method](model, data, config)
+    trainer = _Trainer(LEARNERS[config.method](model, config.learner_settings()), data, config)
+    run_config = dataclasses.replace(run_config, **trainer.learner.run_fields())
     if saved is None:
         # claim the directory at once: a kill before the first validation still leaves the
         # settings that a restart is checked against
-        save_run(out_dir, trainer.model, run_config, trainer.inner_rates())
+        save_run(out_dir, trainer.model, run_config, trainer.learner.inner_rates())
         saved = _Progress()
     state = saved
     start = load_train_state(out_dir, trainer.module, trainer.optimizer)
@@ -199,7 +211,7 @@ def train(
         loss = trainer.step(iteration)
         iteration += 1
         if iteration % config.validate_every == 0 or iteration == config.iterations:
-            score = trainer.validation_score(val_episodes)
+            score = trainer.validation_score(val_episodes, run_config)
             if score > state.best_score:
                 state = _Progress(best_score=score, best_iteration=iteration)
                 _save_best(out_dir, trainer, run_config, iteration, state)
@@ -213,36 +225,40 @@ def train(
     seconds = time.perf_counter() - started
     best = load_run(out_dir, device)
     budget = _pick_budget(best, data, config, val_episodes)
+    done = iteration - start
+    per_iteration = seconds / done if done else load_config(out_dir).seconds_per_iteration
     final = dataclasses.replace(
-        load_config(out_dir), finetune_steps=budget.steps, finetune_lr=budget.lr
+        load_config(out_dir), finetune_steps=budget.steps, finetune_lr=budget.lr,
+        seconds_per_iteration=per_iteration,
     )
     save_run(out_dir, best.model, final, best.inner_lrs)
-    done = iteration - start
     return TrainSummary(
         run_dir=out_dir, method=config.method, iterations=iteration,
         best_iteration=state.best_iteration, validation_accuracy=state.best_score,
         finetune_steps=budget.steps, finetune_lr=budget.lr, seconds=seconds,
         iterations_per_second=done / seconds if seconds > 0 and done else 0.0,
-        resumed_from=start,
+        adaptation=LEARNERS[config.method].adaptation, resumed_from=start,
     )
 
 
 def _pick_budget(best: LoadedRun, data: SplitIndex, config: TrainConfig, val_episodes: list[Episode]) -> Budget:
-    """The fine-tuning budget, picked on validation regions; none (0 steps) for R2-D2, which
-    adapts through its head: its last layer is not what it meta-trained. Segmentation runs pick it on scene
+    """The fine-tuning budget, picked on validation regions; none (0 steps) for learners that
+    adapt without fine-tuning (prototypes, a ridge head). Segmentation runs pick it on scene
     episodes, built as `adapt` builds its support (every class, labels spread over a scene's
     tiles), with a longer step grid, at the 5 labels per class a user typically gives: the budget
     is then the one a user's scene needs."""
-    if config.method == "r2d2":
+    learner = LEARNERS[config.method]
+    if learner.adaptation not in FINETUNE_ADAPTATIONS:
         return Budget(steps=0, lr=None, validation_accuracy=float("nan"))
+    rates = learner.test_rates(best.inner_lrs)
+    only = last_layer_names(best.model) if learner.adaptation == "finetune-head" else None
     if config.task != "segmentation":
-        return pick_budget(best.model, val_episodes, learned_rates=best.inner_lrs or None)
+        return pick_budget(best.model, val_episodes, learned_rates=rates, only=only)
     scenes = data.episodes(
         "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1, protocol="scene"
     )
     return pick_budget(
-        best.model, scenes, learned_rates=best.inner_lrs or None, shots=(SCENE_SHOTS,),
-        step_grid=SCENE_FINETUNE_STEPS,
+        best.model, scenes, learned_rates=rates, shots=(SCENE_SHOTS,), step_grid=SCENE_FINETUNE_STEPS, only=only,
     )
 
 
@@ -316,41 +332,34 @@ def _save_best(
     out_dir: Path, trainer: _Trainer, run_config: RunConfig, iteration: int, state: _Progress
 ) -> None:
     config = dataclasses.replace(
-        run_config, iterations=iteration, validation_accuracy=state.best_score, **trainer.run_fields()
+        run_config, iterations=iteration, validation_accuracy=state.best_score, **trainer.learner.run_fields()
     )
-    save_run(out_dir, trainer.model, config, trainer.inner_rates())
+    save_run(out_dir, trainer.model, config, trainer.learner.inner_rates())
 
 
 class _Trainer:
-    """What the training loop needs of a method: one step, the module to checkpoint, rates."""
+    """A learner fed with training batches and scored on validation episodes."""
 
-    model: nn.Module
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
+    def __init__(self, learner: Learner, data: SplitIndex, config: TrainConfig) -> None:
+        self.learner, self.data, self.config = learner, data, config
+        self.model, self.module, self.optimizer = learner.model, learner, learner.optimizer
+        if learner.episodic:
+            self.sampler = data.sampler("train", config.task, config.shape)
+            self.regions = capable_regions(self.sampler, sorted(data.split("train")["region"].unique()))
+            if not self.regions:
+                raise DataError(data.path, "no train region can supply a meta-training episode")
+            return
+        rows = data.split("train")
+        if config.task == "classification":
+            rows = rows[rows["majority_class"] >= 0]
+        if rows.empty:
+            raise DataError(data.path, "the train split has no labelled tiles")
+        self.positions = rows.index.to_numpy()
+        self.majority = rows["majority_class"].to_numpy()
 
     def step(self, iteration: int) -> float:
-        raise NotImplementedError
-
-    def inner_rates(self) -> dict[str, float]:
-        return {}
-
-    def run_fields(self) -> dict:
-        """Learned settings stored in config.json beside the weights."""
-        return {}
-
-    def validation_score(self, episodes: list[Episode]) -> float:
-        raise NotImplementedError
-
-
-class _EpisodicTrainer(_Trainer):
-    """Meta-training: each iteration is one outer step on a meta-batch of train episodes."""
-
-    def __init__(self, data: SplitIndex, config: TrainConfig) -> None:
-        self.config = config
-        self.sampler = data.sampler("train", config.task, config.shape)
-        self.regions = capable_regions(self.sampler, sorted(data.split("train")["region"].unique()))
-        if not self.regions:
-            raise DataError(data.path, "no train region can supply a meta-training episode")
+        batch = self.meta_batch(iteration) if self.learner.episodic else self.tiles(iteration)
+        return self.learner.step(batch, iteration)
 
     def meta_batch(self, iteration: int) -> list[Episode]:
         rng = np.random.default_rng([self.config.seed, iteration])
@@ -361,80 +370,25 @@ class _EpisodicTrainer(_Trainer):
             for slot, region in enumerate(chosen)
         ]
 
-
-class _MamlTrainer(_EpisodicTrainer):
-    """MAML/FOMAML: the outer step differentiates through the inner SGD loop."""
-
-    def __init__(self, model: nn.Module, data: SplitIndex, config: TrainConfig) -> None:
-        super().__init__(data, config)
-        self.model = model
-        self.learner = MetaLearner(
-            model, steps=config.inner_steps, inner_lr=config.inner_lr,
-            learn_inner_lr=config.learn_inner_lr, first_order=config.method == "fomaml",
-            outer_lr=config.lr, rate_lr=config.rate_lr,
-        )
-        self.module, self.optimizer = self.learner, self.learner.optimizer
-
-    def step(self, iteration: int) -> float:
-        return self.learner.meta_train_step(self.meta_batch(iteration))
-
-    def inner_rates(self) -> dict[str, float]:
-        return {name: float(rate) for name, rate in self.learner.inner_lrs().items()}
-
-    def validation_score(self, episodes: list[Episode]) -> float:
-        return mean_accuracy(self.model, episodes, steps=self.config.inner_steps, lr=self.inner_rates())
-
-
-class _RidgeTrainer(_EpisodicTrainer):
-    """R2-D2: the outer step differentiates through a ridge head fitted on each support set."""
-
-    def __init__(self, model: nn.Module, data: SplitIndex, config: TrainConfig) -> None:
-        super().__init__(data, config)
-        self.model = model
-        self.learner = RidgeMetaLearner(model, outer_lr=config.lr)
-        self.module, self.optimizer = self.learner, self.learner.optimizer
-
-    def step(self, iteration: int) -> float:
-        return self.learner.meta_train_step(self.meta_batch(iteration))
-
-    def run_fields(self) -> dict:
-        return {"head_penalty": self.learner.penalty(), "head_scale": float(self.learner.log_scale.detach().exp())}
-
-    def validation_score(self, episodes: list[Episode]) -> float:
-        head = HeadCandidate("r2d2 head", self.model, ridge_penalty=self.learner.penalty())
-        return mean_candidate_accuracy(head, episodes)
-
-
-class _PretrainTrainer(_Trainer):
-    """Pretraining: one supervised Adam step on tiles pooled from every train region."""
-
-    def __init__(self, model: nn.Module, data: SplitIndex, config: TrainConfig) -> None:
-        self.model, self.config, self.data = model, config, data
-        self.module, self.optimizer = model, pretrain_optimizer(model, config.lr)
-        rows = data.split("train")
-        if config.task == "classification":
-            rows = rows[rows["majority_class"] >= 0]
-        if rows.empty:
-            raise DataError(data.path, "the train split has no labelled tiles")
-        self.positions = rows.index.to_numpy()
-        self.majority = rows["majority_class"].to_numpy()
-
-    def step(self, iteration: int) -> float:
+    def tiles(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
+        """A pretraining batch: tiles pooled from every train region, on global class ids."""
         rng = np.random.default_rng([self.config.seed, iteration])
         picked = rng.choice(len(self.positions), size=self.config.batch_size)
         positions = self.positions[picked]
         images = self.data.tiles.images(positions)
         if self.config.task == "classification":
-            labels = self.majority[picked]
-        else:
-            labels = self.data.tiles.masks(positions).astype(np.int64)
-        return pretrain_step(self.model, self.optimizer, images, labels)
+            return images, self.majority[picked]
+        return images, self.data.tiles.masks(positions).astype(np.int64)
 
-    def validation_score(self, episodes: list[Episode]) -> float:
-        return mean_accuracy(self.model, episodes, steps=self.config.inner_steps, lr=self.config.inner_lr)
-
-
-_TRAINERS: dict[str, type[_Trainer]] = {
-    "maml": _MamlTrainer, "fomaml": _MamlTrainer, "r2d2": _RidgeTrainer, "pretrain": _PretrainTrainer,
-}
-
+    def validation_score(self, episodes: list[Episode], run_config: RunConfig) -> float:
+        """Mean accuracy of the learner's own test-time adaptation, fine-tuning for its
+        meta-training step count at its own (or the configured) rate."""
+        fields = self.learner.run_fields()
+        rates = self.learner.inner_rates()
+        config = dataclasses.replace(
+            run_config, **fields,
+            finetune_steps=fields.get("inner_steps", self.config.inner_steps),
+            finetune_lr=None if rates else fields.get("inner_lr", self.config.inner_lr),
+        )
+        own = run_candidates(LoadedRun(self.model, config, dict(rates)), self.config.method)[0]
+        return mean_candidate_accuracy(own, episodes)

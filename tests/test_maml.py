@@ -11,7 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 from models.backbones import ArchConfig, arch_preset, build_model, episode_loss
-from models.maml import MetaLearner, TaskTensors, adapt, meta_loss, task_tensors
+from models.learner import LearnerSettings, TaskTensors, task_tensors
+from models.maml import Fomaml, Maml, MetaLearner, adapt, meta_loss
 
 
 def _tiny_cnn() -> nn.Module:
@@ -114,12 +115,12 @@ def test_unused_parameters_stay_put_and_get_no_meta_gradient():
         query_images=x.numpy(),
         query_labels=y.numpy(),
     )
-    learner = MetaLearner(model, steps=2, inner_lr=0.1)
+    learner = Maml(model, LearnerSettings(inner_steps=2, inner_lr=0.1))
     before = model.unused.weight.detach().clone()
-    assert np.isfinite(learner.meta_train_step([episode]))
+    assert np.isfinite(learner.step([episode], 0))
     assert model.unused.weight.grad is None
     assert torch.equal(model.unused.weight, before)
-    assert learner.log_lrs.grad[learner.names.index("used.weight")] != 0
+    assert learner.log_lrs[learner.names.index("used.weight")].grad != 0
 
 
 def _episodes(rng: np.random.Generator, count: int, size: int = 8) -> list[SimpleNamespace]:
@@ -146,15 +147,16 @@ def _episodes(rng: np.random.Generator, count: int, size: int = 8) -> list[Simpl
     return episodes
 
 
-def _learner(seed: int = 0, **settings) -> MetaLearner:
+def _learner(seed: int = 0, first_order: bool = False, **settings) -> MetaLearner:
     config = ArchConfig("classification", "cnn", in_channels=3, num_classes=5, width=8, depth=2)
-    return MetaLearner(build_model(config, seed=seed), steps=2, inner_lr=0.1, **settings)
+    learner = Fomaml if first_order else Maml
+    return learner(build_model(config, seed=seed), LearnerSettings(inner_steps=2, inner_lr=0.1, **settings))
 
 
 def test_meta_training_lowers_the_query_loss():
     episodes = _episodes(np.random.default_rng(0), 4)
     learner = _learner(outer_lr=0.01)
-    losses = [learner.meta_train_step(episodes) for _ in range(15)]
+    losses = [learner.step(episodes, 0) for _ in range(15)]
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -163,7 +165,7 @@ def test_meta_training_is_deterministic_under_a_seed(first_order: bool):
     def run() -> dict[str, torch.Tensor]:
         learner = _learner(first_order=first_order)
         for _ in range(3):
-            learner.meta_train_step(_episodes(np.random.default_rng(1), 2))
+            learner.step(_episodes(np.random.default_rng(1), 2), 0)
         return learner.state_dict()
 
     first, second = run(), run()
@@ -173,9 +175,10 @@ def test_meta_training_is_deterministic_under_a_seed(first_order: bool):
 
 def test_fixed_inner_rates_are_not_trained():
     learner = _learner(learn_inner_lr=False)
-    learner.meta_train_step(_episodes(np.random.default_rng(2), 2))
-    assert "log_lrs" not in dict(learner.named_parameters())
-    assert learner.inner_lrs() == pytest.approx(dict.fromkeys(learner.names, 0.1))
+    learner.step(_episodes(np.random.default_rng(2), 2), 0)
+    assert not any(rate.requires_grad for rate in learner.log_lrs)
+    rates = {name: float(rate) for name, rate in learner.inner_rates().items()}
+    assert rates == pytest.approx(dict.fromkeys(learner.names, 0.1))
 
 
 def test_task_tensors_follow_the_model():
@@ -199,5 +202,5 @@ def test_tiny_unet_meta_step_with_sparse_support():
         query_images=rng.normal(size=(2, 4, 16, 16)).astype(np.float32),
         query_labels=rng.integers(0, 2, (2, 16, 16)),
     )
-    learner = MetaLearner(model, steps=1)
-    assert np.isfinite(learner.meta_train_step([episode]))
+    learner = Maml(model, LearnerSettings(inner_steps=1))
+    assert np.isfinite(learner.step([episode], 0))

@@ -32,8 +32,9 @@ from models.checkpoint import (
 )
 from models.device import autocast, pick_device
 from models.finetune import finetune, predict
-from models.maml import MetaLearner
-from models.pretrain import pretrain_optimizer, pretrain_step
+from models.learner import LearnerSettings
+from models.maml import Maml
+from models.pretrain import Pretrain
 
 CONFIGS = [
     arch_preset("tiny", "classification", 13, 10),
@@ -177,9 +178,8 @@ def test_pretraining_lowers_the_loss_on_global_class_ids():
     rng = np.random.default_rng(3)
     images, labels = _separable_support(rng)
     labels = np.where(labels == 1, 7, 2)
-    model = _small_cnn()
-    optimizer = pretrain_optimizer(model, lr=0.01)
-    losses = [pretrain_step(model, optimizer, images, labels) for _ in range(20)]
+    learner = Pretrain(_small_cnn(), LearnerSettings(outer_lr=0.01))
+    losses = [learner.step((images, labels), iteration) for iteration in range(20)]
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -204,11 +204,12 @@ def _run_config(**changes) -> RunConfig:
 
 
 def test_run_directory_round_trip_with_weights_only(tmp_path):
-    learner = MetaLearner(_small_cnn(), steps=2, inner_lr=0.1)
+    learner = Maml(_small_cnn(), LearnerSettings(inner_steps=2, inner_lr=0.1))
     with torch.no_grad():
-        learner.log_lrs.uniform_(-3, -1)
+        for log_lr in learner.log_lrs:
+            log_lr.uniform_(-3, -1)
     config = _run_config()
-    save_run(tmp_path, learner.model, config, learner.inner_lrs())
+    save_run(tmp_path, learner.model, config, learner.inner_rates())
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS]
     raw = torch.load(tmp_path / WEIGHTS, weights_only=True)
     assert set(raw) == {"model", "inner_lrs"}
@@ -217,8 +218,8 @@ def test_run_directory_round_trip_with_weights_only(tmp_path):
     assert run.config == config
     for name, value in learner.model.state_dict().items():
         assert torch.equal(run.model.state_dict()[name], value)
-    for name, rate in learner.inner_lrs().items():
-        assert run.inner_lrs[name] == pytest.approx(rate)
+    for name, rate in learner.inner_rates().items():
+        assert run.inner_lrs[name] == pytest.approx(float(rate))
     assert not run.model.training
 
 
@@ -260,20 +261,20 @@ def _seed_everything(seed: int) -> None:
 
 def test_resumed_training_takes_the_same_next_steps(tmp_path):
     _seed_everything(0)
-    uninterrupted = MetaLearner(_small_cnn(), steps=2, inner_lr=0.1)
-    losses = [uninterrupted.meta_train_step([_episode()]) for _ in range(4)]
+    uninterrupted = Maml(_small_cnn(), LearnerSettings(inner_steps=2, inner_lr=0.1))
+    losses = [uninterrupted.step([_episode()], i) for i in range(4)]
 
     _seed_everything(0)
-    killed = MetaLearner(_small_cnn(), steps=2, inner_lr=0.1)
+    killed = Maml(_small_cnn(), LearnerSettings(inner_steps=2, inner_lr=0.1))
     for _ in range(2):
-        killed.meta_train_step([_episode()])
+        killed.step([_episode()], 0)
     save_train_state(tmp_path, killed, killed.optimizer, iteration=2)
     _seed_everything(99)
 
-    resumed = MetaLearner(_small_cnn(seed=42), steps=2, inner_lr=0.1)
+    resumed = Maml(_small_cnn(seed=42), LearnerSettings(inner_steps=2, inner_lr=0.1))
     start = load_train_state(tmp_path, resumed, resumed.optimizer)
     assert start == 2
-    resumed_losses = [resumed.meta_train_step([_episode()]) for _ in range(start, 4)]
+    resumed_losses = [resumed.step([_episode()], i) for i in range(start, 4)]
     assert resumed_losses == losses[2:]
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
