@@ -45,12 +45,12 @@ class MamlGa(MetaLearner):
                 loss = self.task_loss(params, task_tensors(self.model, episode), iteration)
             grads = torch.autograd.grad(loss, trained, allow_unused=True)
             rows.append(torch.cat([
-                (torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, trained)
+                (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, trained)
             ]))
             total += loss.item() / len(batch)
         stacked = torch.stack(rows)
         combined = agreement_weights(stacked) @ stacked
         for parameter, part in zip(trained, combined.split([p.numel() for p in trained])):
-            parameter.grad = part.view_as(parameter).to(parameter.dtype)
+            parameter.grad = part.view_as(parameter)
         self.clip_and_step()
         return total

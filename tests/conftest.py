@@ -95,20 +95,15 @@ TINY_TRAINING = {"iterations": 30, "validate_every": 10, "validation_episodes": 
 
 @pytest.fixture(scope="session")
 def trained_runs(split_index: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny segmentation runs of pretrain, MAML and R2-D2 (both start from the pretrained weights)."""
+    """Tiny segmentation runs of pretrain, then MAML, R2-D2 and ProtoNet from its weights."""
     from pipeline.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("runs")
-    pretrain = train(
+    runs = {"pretrain": train(
         split_index, root / "pretrain", TrainConfig(method="pretrain", **{**TINY_TRAINING, "iterations": 60}),
         progress=False,
-    ).run_dir
-    maml = train(
-        split_index, root / "maml",
-        TrainConfig(method="maml", init_from=str(pretrain), **TINY_TRAINING), progress=False,
-    ).run_dir
-    r2d2 = train(
-        split_index, root / "r2d2",
-        TrainConfig(method="r2d2", init_from=str(pretrain), **TINY_TRAINING), progress=False,
-    ).run_dir
-    return {"pretrain": pretrain, "maml": maml, "r2d2": r2d2}
+    ).run_dir}
+    for method in ("maml", "r2d2", "protonet"):
+        config = TrainConfig(method=method, init_from=str(runs["pretrain"]), **TINY_TRAINING)
+        runs[method] = train(split_index, root / method, config, progress=False).run_dir
+    return runs

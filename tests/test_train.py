@@ -115,8 +115,9 @@ def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(tr
         assert len(config["bands"]) == config["arch"]["in_channels"] == len(config["arch"]["input_mean"])
         assert config["normalisation"]["divide"] == 10000
         assert config["arch"]["name"] == "unet" and config["first_order"] is False
-        if name != "r2d2":
+        if name not in ("r2d2", "protonet"):
             assert config["finetune_steps"] in SCENE_FINETUNE_STEPS  # picked on validation scene episodes
+        assert config["seconds_per_iteration"] > 0
         run = load_run(run_dir)
         assert all(torch.equal(run.model.state_dict()[key], value) for key, value in weights["model"].items())
     maml = json.loads((trained_runs["maml"] / "config.json").read_text())
@@ -127,6 +128,8 @@ def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(tr
     r2d2 = json.loads((trained_runs["r2d2"] / "config.json").read_text())
     assert r2d2["head_penalty"] > 0 and r2d2["head_scale"] > 0 and r2d2["inner_steps"] is None
     assert r2d2["finetune_steps"] == 0  # adapts through its head: no fine-tuning budget
+    protonet = json.loads((trained_runs["protonet"] / "config.json").read_text())
+    assert protonet["finetune_steps"] == 0 and protonet["inner_steps"] is None  # prototypes: no budget
     assert maml["head_penalty"] is None  # only a run meta-trained through a ridge head has one
     # finetune_lr None means "fine-tune at the learned rates", which only MAML has
     assert json.loads((trained_runs["pretrain"] / "config.json").read_text())["finetune_lr"] is not None
@@ -135,7 +138,7 @@ def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(tr
 @pytest.mark.parametrize(
     ("settings", "problem"),
     [
-        ({"method": "reptile"}, "method: 'reptile' is not one of"),
+        ({"method": "siamese"}, "method: 'siamese' is not one of protonet, reptile"),
         ({"validate_every": 0}, "validate_every must be at least 1"),
         ({"inner_lr": 0.0}, "must be positive"),
     ],
@@ -146,8 +149,9 @@ def test_impossible_training_settings_are_refused_at_once(settings, problem):
 
 
 def test_the_train_command_turns_bad_options_into_usage_errors(split_index, tmp_path):
-    bad_method = runner.invoke(app, ["train", str(split_index), "--method", "reptile", "--out", str(tmp_path / "r")])
-    assert bad_method.exit_code == 2 and "not one of maml, fomaml, r2d2, pretrain" in flat(bad_method.output)
+    bad_method = runner.invoke(app, ["train", str(split_index), "--method", "siamese", "--out", str(tmp_path / "r")])
+    assert bad_method.exit_code == 2
+    assert "not one of protonet, reptile, anil, metasgd, mamlpp, maml-ga, maml, fomaml, r2d2, pretrain" in flat(bad_method.output)
     zero = runner.invoke(app, ["train", str(split_index), "--checkpoint-every", "0", "--out", str(tmp_path / "r")])
     assert zero.exit_code == 2
     assert not (tmp_path / "r").exists()
