@@ -17,13 +17,10 @@ import argparse
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from geo.sample_data import write_eurosat, write_sen12ms
 from models.checkpoint import load_config
 from models.learners import LEARNERS
-from pipeline.candidates import PIXEL
-from pipeline.evaluate import RANDOM_INIT, EvaluateConfig, evaluate
+from pipeline.evaluate import EvaluateConfig, evaluate, margins
 from pipeline.ingest import ingest
 from pipeline.protocol import EpisodeShape
 from pipeline.regions import build_regions
@@ -75,18 +72,6 @@ def train_all(work: Path, index: Path, task: str, difficulty: str, learners: lis
             f"(with the budget pick), validation {summary.validation_accuracy:.3f}", flush=True,
         )
     return list(runs.values())
-
-
-def margins(results: pd.DataFrame) -> pd.DataFrame:
-    """Per shot count: the best learner's candidate and its accuracy minus the classical one's."""
-    rows = []
-    for shots, group in results.groupby("shots"):
-        learners = group[~group["method"].isin([PIXEL, RANDOM_INIT])]
-        best = learners.loc[learners["accuracy"].idxmax()]
-        pixel = group.loc[group["method"] == PIXEL, "accuracy"].item()
-        rows.append({"shots": shots, "best": best["method"], "accuracy": best["accuracy"],
-                     "classical": pixel, "margin": best["accuracy"] - pixel})
-    return pd.DataFrame(rows)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from models.backbones import build_model
 from models.checkpoint import CONFIG, WEIGHTS, LoadedRun, load_run
 from models.device import pick_device
 from models.metrics import mean_ci
-from pipeline.candidates import Candidate, FinetuneCandidate, PixelCandidate, run_candidates
+from pipeline.candidates import PIXEL, Candidate, FinetuneCandidate, PixelCandidate, run_candidates
 from pipeline.protocol import (
     FINETUNE_STEPS,
     SCENE_FINETUNE_STEPS,
@@ -161,6 +161,21 @@ def evaluate(
     notes = _notes(methods, task, config, len(test), protocol)
     files = write_report(results, Path(out_dir), title=f"Few-shot {task} on {Path(index_path).name}", notes=notes)
     return EvaluationReport(files=files, results=results, budgets=budgets)
+
+
+def margins(results: pd.DataFrame) -> pd.DataFrame:
+    """Per shot count: the best trained candidate, its accuracy, the classical baseline's, and the
+    margin between them (positive: the learner beats the classical baseline)."""
+    rows = []
+    for shots, group in results.groupby("shots"):
+        trained = group[~group["method"].isin([PIXEL, RANDOM_INIT])]
+        best = trained.loc[trained["accuracy"].idxmax()]
+        classical = float(group.loc[group["method"] == PIXEL, "accuracy"].item())
+        rows.append({
+            "shots": int(shots), "best": best["method"], "accuracy": float(best["accuracy"]),
+            "classical": classical, "margin": float(best["accuracy"]) - classical,
+        })
+    return pd.DataFrame(rows)
 
 
 def _load(run_dir: Path, device) -> LoadedRun:

@@ -418,19 +418,28 @@ def test_adapt_cross_validates_every_candidate_and_maps_with_the_best(adapted: A
     assert f"* {report['chosen']}: " in adapted.output
 
 
+@pytest.mark.parametrize(
+    ("run", "pick", "own", "kind"),
+    [
+        ("r2d2", "r2d2 head", ["r2d2 head"], "closed-form ridge head"),
+        ("protonet", "protonet prototypes", ["protonet prototypes", "protonet head"],
+         "nearest class prototype (mean features of the labels)"),
+    ],
+)
 def test_a_named_candidate_maps_and_its_saved_head_predicts_the_same_map(
-    trained_runs: dict[str, Path], scene_files: SceneFiles, tmp_path: Path
+    trained_runs: dict[str, Path], scene_files: SceneFiles, tmp_path: Path, run: str, pick: str,
+    own: list[str], kind: str,
 ):
-    """--pick by name: the R2-D2 run's closed-form head makes the map; saved with the network, it
-    is what `predict` maps with."""
+    """--pick by name: the R2-D2 run's ridge head, or ProtoNet's prototypes, makes the map; saved
+    with the network, it is what `predict` maps with."""
     out, model = tmp_path / "head.tif", tmp_path / "adapted"
-    result = invoke(*adapt_args(trained_runs["r2d2"], scene_files, out, "--compare", trained_runs["pretrain"],
-                                "--pick", "r2d2 head", "--save-adapted", model))
+    result = invoke(*adapt_args(trained_runs[run], scene_files, out, "--compare", trained_runs["pretrain"],
+                                "--pick", pick, "--save-adapted", model))
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_name("head.report.json").read_text())
-    assert report["chosen"] == "r2d2 head" and report["pick"] == "r2d2 head"
-    assert [c["name"] for c in report["candidates"]] == ["r2d2 head", "pretrain fine-tuned", "pretrain head", "pixel"]
-    assert report["candidates"][0]["kind"] == "closed-form ridge head"
+    assert report["chosen"] == pick and report["pick"] == pick
+    assert [c["name"] for c in report["candidates"]] == [*own, "pretrain fine-tuned", "pretrain head", "pixel"]
+    assert report["candidates"][0]["kind"] == kind
     assert (model / "head.pt").exists()
     again = invoke("predict", "--model", model, "--image", scene_files.image, "--out", tmp_path / "again.tif",
                    "--device", "cpu")

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline.candidates import PIXEL
 from pipeline.cli import app
 from pipeline.evaluate import RANDOM_INIT, EvaluateConfig
-from pipeline.report import METRICS
+from pipeline.report import COSTS, METRICS
 
 runner = CliRunner()
 
@@ -60,13 +60,31 @@ def test_evaluate_writes_the_report_and_the_same_seed_gives_the_same_table(split
     assert (results["episodes"] == 2).all()
     assert "| random init |" in first.stdout and str(tmp_path / "a" / "results.csv") in first.stdout
 
-    # the other spelling of several runs, the same seed: the same table to the byte
+    assert (results["adapt_seconds"] > 0).all()  # the cost columns: measured adapt time per episode
+    per_iteration = results.set_index("method")["train_seconds_per_iteration"]
+    assert per_iteration["maml fine-tuned"].min() > 0 and per_iteration["pixel"].isna().all()
+    assert "train s/iteration | adapt s/episode |" in first.stdout
+
+    # the other spelling of several runs, the same seed: the same scores (timings differ)
     second = runner.invoke(
         app, ["evaluate", str(split_index), "--runs", pretrain, "--runs", maml, *TINY_EVALUATION, "--out", str(tmp_path / "b")]
     )
     assert second.exit_code == 0, second.output
-    assert (tmp_path / "a" / "results.csv").read_bytes() == (tmp_path / "b" / "results.csv").read_bytes()
-    assert (tmp_path / "a" / "report.md").read_text() == (tmp_path / "b" / "report.md").read_text()
+    scores = [pd.read_csv(tmp_path / run / "results.csv").drop(columns=list(COSTS)) for run in ("a", "b")]
+    pd.testing.assert_frame_equal(*scores, check_exact=True)
+    reports = [(tmp_path / run / "report.md").read_text().split("kappa:")[1] for run in ("a", "b")]
+    assert reports[0] == reports[1]
+
+
+def test_protonet_is_scored_by_its_prototypes_without_fine_tuning(split_index, trained_runs, tmp_path):
+    out = tmp_path / "report"
+    result = runner.invoke(
+        app, ["evaluate", str(split_index), "--runs", str(trained_runs["protonet"]), *TINY_EVALUATION, "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    methods = pd.read_csv(out / "results.csv")["method"].unique().tolist()
+    assert methods == ["protonet prototypes", "protonet head", RANDOM_INIT, PIXEL]
+    assert "protonet prototypes: kind nearest class prototype" in flat((out / "report.md").read_text())
 
 
 def test_evaluate_refuses_bad_inputs_with_one_line(split_index, sen12ms_index, trained_runs, tmp_path):

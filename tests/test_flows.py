@@ -54,14 +54,16 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     path.parent.mkdir()
     path.write_text(
         "output: out\ndata: {source: folder, root: ../eurosat}\n"
-        "methods: {fast: {method: fomaml, iterations: 5, shape: {n_way: 3}}}\n"
+        "methods: {fast: {method: fomaml, iterations: 5, shape: {n_way: 3}},\n"
+        "          proto: {method: protonet}, plus: {method: mamlpp, second_order_from: 0.2}}\n"
         "evaluation: {shots: [1, 5]}\nadapt: {scenes: [a/one.tif, b/two.tif]}\n"
     )
     config = load_config(path)
     assert config.output == path.parent / "out"
     assert config.data.root == tmp_path / "conf" / ".." / "eurosat"
-    (method,) = config.methods
+    method, proto, plus = config.methods
     assert (method.name, method.method, method.settings["iterations"]) == ("fast", "fomaml", 5)
+    assert (proto.method, plus.method, plus.settings["second_order_from"]) == ("protonet", "mamlpp", 0.2)
     assert config.evaluation.shots == (1, 5)
     assert config.adapt_run == "fast-seed0"
     assert config.layout.prediction(config.adapt.scenes[1]) == config.output / "maps" / "two.tif"
@@ -74,6 +76,7 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ("data: {source: eurosat}", "data.source: 'eurosat' is not one of sen12ms, deepglobe"),
         ("evaluation: {episodes: many}", "evaluation.episodes: expected int, got 'many'"),
         ("methods: {maml: {iteratons: 3}}", "methods.maml: unknown key 'iteratons'"),
+        ("methods: {m: {method: siamese}}", "methods.m: method: 'siamese' is not one of protonet, reptile, anil"),
         ("methods: {maml: {seed: 3}}", "'seed' is set for all methods at the top of the file"),
         ("methods: {}", "adapt needs a trained model"),
         ("seeds: []", "seeds: name at least one seed"),
