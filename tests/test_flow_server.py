@@ -25,6 +25,8 @@ RUNNER_START_SECONDS = 180
 """At most this long for `serve`'s runner to start polling the server (its deployment turns READY):
 a fixed wait (5 s, then 15 s) was too short on two busy cores, and Ctrl-C then came before the
 runner could pause the schedule."""
+STOP_SECONDS = 120
+"""At most this long for `serve` to pause its schedule and exit after Ctrl-C."""
 CRON = "0 3 * * *"
 STARTUP_SECONDS = 240
 """The first start of a server creates and migrates its SQLite database: slow on busy cores."""
@@ -131,6 +133,10 @@ def test_serve_puts_a_cron_deployment_on_a_real_server(tmp_path: Path, free_port
                     "runner polling",
                     serving,
                 )
-            # Ctrl-C stops serving and pauses the schedule, so no run starts without a runner.
+                # Ctrl-C stops serving and pauses the schedule, so no run starts without a runner;
+                # the runner pauses on its way out, which takes a while on busy cores
+                os.killpg(serving.pid, signal.SIGINT)
+                serving.wait(timeout=STOP_SECONDS)
+            log = (tmp_path / "serve.log").read_text(errors="replace")
             assert serving.returncode is not None
-            assert client.read_deployment(deployment.id).paused
+            assert client.read_deployment(deployment.id).paused, log[-3000:]
