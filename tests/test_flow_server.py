@@ -19,7 +19,14 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("LANDCOVER_SERVER_TEST") != "1",
+        reason="set LANDCOVER_SERVER_TEST=1: in the full suite `serve` hangs on Ctrl-C (open problem, "
+        "see issue 10's note); alone, or with the other flow tests, it passes",
+    ),
+]
 
 RUNNER_START_SECONDS = 15
 """Time for `serve` to go from printing its message to a running runner (5 s was too short on two
