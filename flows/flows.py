@@ -16,11 +16,17 @@ import httpx
 from prefect import flow, unmapped
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import EntrypointType
-from prefect.settings import PREFECT_API_URL, PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_CLIENT_MAX_RETRIES,
+    PREFECT_TASKS_REFRESH_CACHE,
+    temporary_settings,
+)
 
 from flows import steps
 from flows.caching import CACHE_FOLDER
 from flows.dask import dask_runner
+from geo.errors import DataError
 from pipeline.config import (
     SAMPLE_KIND,
     adapt_settings,
@@ -163,25 +169,62 @@ class ServeError(RuntimeError):
 def run_once(
     config: Path | None, *, dask_address: str | None, workers: int | None, refresh: bool
 ) -> EndToEndOutputs:
-    """Run the end-to-end flow now; `refresh` recomputes every step instead of reusing results."""
-    load_config(config)  # a mistake in the file stops here, before Prefect starts
-    with _one_server(), temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}):
-        return end_to_end(_absolute(config), dask_address, workers)
+    """Run the end-to-end flow now; `refresh` recomputes every step instead of reusing results.
+
+    When the Prefect server stops during the run, the run stops with a DataError naming the
+    output folder: every step that had completed is persisted in its `.prefect-cache`, so the
+    next run reuses it and starts where this one stopped.
+    """
+    settings = load_config(config)  # a mistake in the file stops here, before Prefect starts
+    with _one_server() as server, temporary_settings({PREFECT_TASKS_REFRESH_CACHE: refresh}):
+        url = PREFECT_API_URL.value()
+        try:
+            return end_to_end(_absolute(config), dask_address, workers)
+        except Exception as error:
+            lost = _server_lost(error, server)
+            if lost is None:
+                raise
+            raise DataError(
+                settings.output,
+                f"the Prefect server at {url} stopped during the run ({lost}); the steps that "
+                f"completed are kept in {CACHE_FOLDER} here and the next `landcover run` reuses them",
+            ) from None
+
+
+OWN_SERVER_RETRIES = 1
+"""Client retries of a request to the server a run started itself. A refused connection means
+that server is gone for good (nothing restarts it), and Prefect's default of 5 retries with
+exponential back-off would hold the run for minutes before saying so; a server the user runs
+(PREFECT_API_URL) keeps the default, as it may come back."""
 
 
 @contextlib.contextmanager
-def _one_server() -> Iterator[None]:
+def _one_server() -> Iterator[Any]:
     """Without PREFECT_API_URL every process, Dask workers too, would start a temporary server of
-    its own and the workers' task runs would be lost with it: start one and point all at it."""
+    its own and the workers' task runs would be lost with it: start one and point all at it.
+    Yields that server (None when PREFECT_API_URL names one)."""
     if PREFECT_API_URL.value():
-        yield
+        yield None
         return
     from prefect.server.api.server import SubprocessASGIServer  # the server's code: import late
 
     server = SubprocessASGIServer()
     server.start()
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield
+    with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_CLIENT_MAX_RETRIES: OWN_SERVER_RETRIES}):
+        yield server
+
+
+def _server_lost(error: BaseException, server: Any) -> str | None:
+    """Why the run lost its Prefect server, when `error` comes from that; None otherwise."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, httpx.TransportError):
+            return f"{type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    process = getattr(server, "server_process", None)
+    if process is not None and process.poll() is not None:
+        return f"its process exited with status {process.returncode}"
+    return None
 
 
 def serve(
@@ -196,6 +239,7 @@ def serve(
 
     Needs a Prefect server (PREFECT_API_URL): the ephemeral one of a plain run takes no schedules.
     """
+    load_config(config)  # the file's mistakes first: they are the user's to fix whatever the server
     if not PREFECT_API_URL.value():
         raise ServeError(
             "no Prefect server: start one with `prefect server start`, then "
@@ -205,7 +249,6 @@ def serve(
         schedule = CronSchedule(cron=cron)
     except ValueError:
         raise ServeError(f"{cron!r} is not a cron schedule (e.g. '0 3 * * *')") from None
-    load_config(config)
     try:
         end_to_end.serve(
             name=name,

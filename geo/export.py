@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -30,7 +28,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import shapes
 from rasterio.io import DatasetReader, DatasetWriter
 
-from geo.atomic import atomic_output
+from geo.atomic import atomic_output, pending, scratch_file
 from geo.classes import IGNORE_INDEX, ClassScheme
 from geo.errors import DataError
 
@@ -158,7 +156,7 @@ def _cog_writer(
         "tiled": True, "blockxsize": COG_BLOCKSIZE, "blockysize": STAGING_BLOCK_ROWS,
         "compress": "zstd", "zstd_level": 1, "bigtiff": "if_safer",
     }
-    with atomic_output(path) as target, _scratch_beside(Path(path)) as staging:
+    with atomic_output(path) as target, scratch_file(path, ".tif") as staging:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates, on purpose
             dst = rasterio.open(staging, "w", **profile)
@@ -169,19 +167,6 @@ def _cog_writer(
             staging, target, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=COG_BLOCKSIZE,
             OVERVIEWS="IGNORE_EXISTING", BIGTIFF="IF_SAFER", **cog_options,
         )
-
-
-@contextlib.contextmanager
-def _scratch_beside(path: Path) -> Iterator[Path]:
-    """A hidden scratch file in the output's folder (same disk, not a small /tmp), always removed."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".staging.tif", dir=path.parent)
-    os.close(handle)
-    scratch = Path(name)
-    scratch.unlink()  # GDAL creates it
-    try:
-        yield scratch
-    finally:
-        scratch.unlink(missing_ok=True)
 
 
 # --- QGIS style -------------------------------------------------------------------------------
@@ -221,7 +206,7 @@ def write_polygons(class_raster: str | Path, path: str | Path, scheme: ClassSche
     Nodata (255) is left out. The layer is in the raster's CRS; without one, in the pixel
     coordinates QGIS uses for the raster (x = col, y = -row).
     """
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(class_raster) as src:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(pending(class_raster)) as src:
         grid = Grid.of(src)
         features = (
             (geometry, int(value))

@@ -55,6 +55,8 @@ COLUMNS: tuple[str, ...] = (
 STATISTICS: tuple[str, ...] = ("mean", "std", "q10", "q50", "q90")
 """Per-band statistics in `features`, band by band."""
 METADATA_KEY = b"landcover"
+METADATA_KEYS: tuple[str, ...] = ("source", "scheme", "bands", "feature_names")
+"""Metadata every step reads; an index without them was not written by `landcover ingest`."""
 FOOTPRINT_CRS = "EPSG:4326"
 
 
@@ -86,19 +88,26 @@ def feature_names(bands: Iterable[str]) -> list[str]:
 
 
 def band_statistics(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) -> C x (mean, std, q10, q50, q90), flattened band by band.
+    """(C, H, W) -> C x (mean, std, q10, q50, q90), flattened band by band, of each band's finite
+    pixels (NaN and +-inf are nodata; each band needs one finite pixel).
 
     Quantiles as np.quantile's default (linear) computes them, from one sort per band: on
     quantised reflectance np.partition degrades and is four times slower than sorting.
     """
-    pixels = np.sort(image.reshape(image.shape[0], -1), axis=1)
-    position = np.array([0.1, 0.5, 0.9]) * (pixels.shape[1] - 1)
+    values = image.reshape(image.shape[0], -1)
+    finite = np.isfinite(values)
+    pixels = np.sort(values if finite.all() else np.where(finite, values, np.nan), axis=1)  # NaN last
+    return np.concatenate([_statistics(band[:count]) for band, count in zip(pixels, finite.sum(axis=1))])
+
+
+def _statistics(values: np.ndarray) -> np.ndarray:
+    """Mean, std, q10, q50, q90 of sorted values."""
+    position = np.array([0.1, 0.5, 0.9]) * (len(values) - 1)
     below = np.floor(position).astype(int)
-    above = np.minimum(below + 1, pixels.shape[1] - 1)
-    lower = pixels[:, below].astype(np.float64)
-    quantiles = lower + (position - below) * (pixels[:, above] - lower)
-    mean, std = pixels.mean(axis=1, dtype=np.float64), pixels.std(axis=1, dtype=np.float64)
-    return np.column_stack([mean, std, quantiles]).ravel()
+    above = np.minimum(below + 1, len(values) - 1)
+    lower = values[below].astype(np.float64)
+    quantiles = lower + (position - below) * (values[above] - lower)
+    return np.array([values.mean(dtype=np.float64), values.std(dtype=np.float64), *quantiles])
 
 
 def index_file(source: str, file: SourceFile, *, grid: int, num_classes: int) -> FileIndex:
@@ -111,8 +120,16 @@ def index_file(source: str, file: SourceFile, *, grid: int, num_classes: int) ->
 
 
 def _row(source: str, file: SourceFile, located: LocatedTile, num_classes: int) -> dict[str, Any]:
-    mask, window = located.tile.mask, located.window
-    counts = np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+    """A tile's row; pixels not finite in some band (NaN, +-inf: nodata) count in no statistic."""
+    image, mask, window = located.tile.image, located.tile.mask, located.window
+    finite = np.isfinite(image)
+    empty = np.flatnonzero(~finite.any(axis=(1, 2))) + 1
+    if len(empty):
+        raise DataError(
+            file.path, f"band(s) {', '.join(map(str, empty))} hold no finite pixel (all NaN or +-inf): nothing to index",
+        )
+    labelled = (mask != IGNORE_INDEX) & finite.all(axis=0)
+    counts = np.bincount(mask[labelled], minlength=num_classes)[:num_classes]
     if located.crs is None:  # not georeferenced: a box in pixel space (x = column, y = row)
         footprint = box(
             window.col_off,
@@ -136,7 +153,7 @@ def _row(source: str, file: SourceFile, located: LocatedTile, num_classes: int) 
         "height": int(window.height),
         "class_counts": counts.tolist(),
         "majority_class": int(counts.argmax()) if counts.sum() else -1,
-        "features": band_statistics(located.tile.image).tolist(),
+        "features": band_statistics(image).tolist(),
         "geometry": footprint,
     }
 
@@ -262,4 +279,14 @@ def read_index(path: str | Path) -> tuple[gpd.GeoDataFrame, dict[str, Any]]:
         raise DataError(path, f"is not a GeoParquet tile index ({error})") from None
     if METADATA_KEY not in schema_metadata:
         raise DataError(path, "has no landcover metadata; write it with `landcover ingest`")
-    return frame, json.loads(schema_metadata[METADATA_KEY])
+    missing = [column for column in COLUMNS if column not in frame.columns]
+    if missing:
+        raise DataError(path, f"is not a landcover tile index: no column(s) {', '.join(missing)}")
+    try:
+        metadata = json.loads(schema_metadata[METADATA_KEY])
+    except ValueError as error:
+        raise DataError(path, f"has unreadable landcover metadata ({error})") from None
+    absent = [key for key in METADATA_KEYS if not isinstance(metadata, dict) or key not in metadata]
+    if absent:
+        raise DataError(path, f"has landcover metadata without {', '.join(absent)}; write it with `landcover ingest`")
+    return frame, metadata

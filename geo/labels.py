@@ -124,8 +124,11 @@ def _class_ids(frame: gpd.GeoDataFrame, column: str, scheme: ClassScheme, path: 
         columns = ", ".join(str(name) for name in frame.columns if name != frame.geometry.name) or "none"
         raise DataError(path, f"has no class column {column!r}; its columns: {columns}")
     values = frame[column]
-    if values.isna().any():
-        raise DataError(path, f"{int(values.isna().sum())} features have no value in column {column!r}")
+    blank = values.isna() | (values.astype(str).str.strip() == "")
+    if blank.any():
+        first = int(np.flatnonzero(blank.to_numpy())[0])
+        raise DataError(path, f"{int(blank.sum())} features have no value (blank or null) in column "
+                              f"{column!r}, the first in row {first}")
     if pd.api.types.is_numeric_dtype(values):
         return _checked_ids(values.to_numpy(), scheme, path, column)
     names = values.astype(str).str.strip()

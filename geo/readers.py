@@ -8,9 +8,11 @@ are the only pixels in memory, whatever the size of the file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +96,36 @@ class Dataset:
     problems: list[DataError] = field(default_factory=list)
 
 
-def scale_image(array: np.ndarray) -> np.ndarray:
-    """uint8 -> [0, 1] by /255; anything else is reflectance x 10000: clip to [0, 10000], /10000."""
-    if array.dtype == np.uint8:
+def scale_image(
+    array: np.ndarray, scales: Sequence[float] | None = None, offsets: Sequence[float] | None = None
+) -> np.ndarray:
+    """Raw pixels -> model input. uint8 -> [0, 1] by /255; anything else is reflectance x 10000:
+    clip to [0, 10000], /10000.
+
+    Bands (axis -3) tagged with `scales`/`offsets` other than all (1, 0) hold reflectance (0..1)
+    as raw * scale + offset: it is rounded to reflectance x 10000 first, so a float32, int16 or
+    uint16 scene with such tags gives the model exactly what the equivalent untagged uint16 scene
+    gives. NaN and +-inf (nodata) become NaN, not a clipped reflectance (see `finite_pixels`).
+    """
+    if scales is not None and offsets is not None and (set(scales) != {1} or set(offsets) != {0}):
+        per_band = (len(scales), 1, 1)
+        array = np.round((array * np.reshape(scales, per_band) + np.reshape(offsets, per_band)) * 10000)
+    elif array.dtype == np.uint8:
         return array.astype(np.float32) / np.float32(255)
-    return np.clip(array, 0, 10000).astype(np.float32) / np.float32(10000)
+    scaled = np.clip(array, 0, 10000).astype(np.float32) / np.float32(10000)
+    if np.issubdtype(array.dtype, np.floating):
+        scaled[~np.isfinite(array)] = np.nan
+    return scaled
+
+
+def scene_scaling(dataset: DatasetReader, indexes: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """`scale_image` with the scale/offset tags of the bands `indexes` (1-based) of `dataset`, for
+    pixels read from those bands in that order."""
+    return partial(
+        scale_image,
+        scales=[dataset.scales[index - 1] for index in indexes],
+        offsets=[dataset.offsets[index - 1] for index in indexes],
+    )
 
 
 def band_names(source: str, count: int) -> tuple[str, ...]:
@@ -118,6 +145,8 @@ def discover(source: str, root: str | Path) -> Dataset:
     root = Path(root)
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    if root.is_file():
+        raise DataError(root, "is a file, not a folder")
     if not root.is_dir():
         raise DataError(root, "no such folder")
     return {
@@ -227,9 +256,9 @@ def read_tiles(
             raise DataError(file.path, str(error)) from None
         for tile_window in windows:
             tile = Tile(
-                image=scale_image(_read(image, file.path, tile_window)),
+                image=scene_scaling(image, image.indexes)(read_window(image, file.path, tile_window)),
                 mask=_mask(source, file, labels, tile_window),
-                s1=None if s1 is None else _read(s1, file.s1_path, tile_window).astype(np.float32),
+                s1=None if s1 is None else read_window(s1, file.s1_path, tile_window).astype(np.float32),
             )
             georeferenced = image.crs is not None
             yield LocatedTile(
@@ -257,7 +286,15 @@ def load_tile(row: Mapping[str, Any]) -> Tile:
         class_id=int(row["majority_class"]),
     )
     (located,) = read_tiles(str(row["source"]), file, window=window)
-    return located.tile
+    return _without_non_finite(located.tile)
+
+
+def _without_non_finite(tile: Tile) -> Tile:
+    """A tile to learn from: non-finite pixels (nodata of float products) zeroed and unlabelled."""
+    finite = finite_pixels(tile.image)
+    if finite.all():
+        return tile
+    return dataclasses.replace(tile, mask=np.where(finite, tile.mask, IGNORE_INDEX).astype(np.uint8))
 
 
 def read_sen12ms(
@@ -328,13 +365,60 @@ def _check_image(source: str, path: Path, image: DatasetReader) -> None:
         raise DataError(path, "has no CRS; SEN12MS and class-folder patches must be georeferenced")
 
 
-def _read(
-    dataset: DatasetReader, path: Path, window: Window, indexes: int | list[int] | None = None
+def read_window(
+    dataset: DatasetReader,
+    path: str | Path,
+    window: Window,
+    indexes: int | Sequence[int] | None = None,
+    *,
+    boundless: bool = False,
 ) -> np.ndarray:
-    try:
+    """Raw pixels of a window (`boundless`: beyond the file's edges filled with 0); DataError
+    naming `path` where GDAL cannot read them, as in a truncated or corrupt file."""
+    with _reading(path):
+        if boundless:
+            return dataset.read(indexes, window=window, boundless=True, fill_value=0)
         return dataset.read(indexes, window=window)
+
+
+@contextlib.contextmanager
+def _reading(path: str | Path) -> Iterator[None]:
+    """GDAL's read errors as a DataError naming the file."""
+    try:
+        yield
     except RasterioError as error:
         raise DataError(path, f"cannot be read, truncated or corrupt? ({_reason(error)})") from None
+
+
+def finite_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Where every band of (C, H, W) pixels is finite, (H, W). NaN and +-inf are how many float
+    products mark missing data: those pixels are set to 0 in place, as padding is, so that a NaN
+    cannot spread through a network's convolutions and normalisation into its neighbours."""
+    if not np.issubdtype(pixels.dtype, np.floating):
+        return np.ones(pixels.shape[1:], dtype=bool)
+    finite = np.isfinite(pixels).all(axis=0)
+    pixels[:, ~finite] = 0
+    return finite
+
+
+def read_valid(dataset: DatasetReader, window: Window, indexes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pixels of the bands `indexes` in `window` (non-finite pixels zeroed) and where they hold
+    data (H, W): the dataset mask (some band is not nodata) and every band read finite."""
+    pixels = read_window(dataset, dataset.name, window, indexes)
+    finite = finite_pixels(pixels)
+    with _reading(dataset.name):
+        mask = dataset.dataset_mask(window=window) > 0
+    return pixels, mask & finite
+
+
+def has_data(dataset: DatasetReader, indexes: Sequence[int], rows: int = 256) -> bool:
+    """Whether any pixel holds data (see `read_valid`), read `rows` rows at a time and stopping at
+    the first that do: an empty scene is found before any work, and a scene with data costs a strip."""
+    for top in range(0, dataset.height, rows):
+        window = Window(0, top, dataset.width, min(rows, dataset.height - top))
+        if read_valid(dataset, window, indexes)[1].any():
+            return True
+    return False
 
 
 def _reason(error: Exception) -> str:
@@ -351,11 +435,11 @@ def _mask(
     if labels is None or file.label_path is None:
         raise DataError(file.path, f"a {source} image needs a label file")
     if source == "sen12ms":
-        igbp = _read(labels, file.label_path, window, 1)
+        igbp = read_window(labels, file.label_path, window, 1)
         return IGBP_TO_DFC10[np.minimum(igbp, IGNORE_INDEX)]
     if labels.count < 3:
         raise DataError(file.label_path, f"has {labels.count} bands; DeepGlobe masks are RGB")
-    return decode_deepglobe_mask(_read(labels, file.label_path, window, [1, 2, 3]), file.label_path)
+    return decode_deepglobe_mask(read_window(labels, file.label_path, window, [1, 2, 3]), file.label_path)
 
 
 def _deepglobe_lookup() -> np.ndarray:

@@ -31,7 +31,7 @@ from rasterio.windows import Window
 from geo.classes import IGNORE_INDEX, ClassScheme
 from geo.errors import DataError
 from geo.export import GDAL_CACHE_BYTES, Grid, class_raster_writer, probability_writer, style_path
-from geo.readers import scale_image
+from geo.readers import read_valid, scene_scaling
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 """(B, C, h, w) float32 scaled pixels -> (B, K, h, w) float32 class scores (logits; -inf rules a class out)."""
@@ -69,15 +69,17 @@ def predict_scene(
     window: int = 256,
     overlap: int = 64,
     batch_size: int = 8,
-    scale: Callable[[np.ndarray], np.ndarray] = scale_image,
+    scale: Callable[[np.ndarray], np.ndarray] | None = None,
     bands: Sequence[int] | None = None,
     probabilities_path: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SceneMap:
     """Map a scene: a class-map COG (+ QGIS style) and optionally a probability COG, on its grid.
 
-    `bands` are 1-based band indexes fed to the model (default: all); `scale` turns raw pixels into
-    model input. Pixels where every band is nodata (the dataset mask) get class 255 and NaN
+    `bands` are 1-based band indexes fed to the model, in that order (default: all); `scale` turns
+    raw pixels of those bands into model input (default: `scale_image` with the scene's scale/offset
+    tags of those bands). Pixels where every band is nodata (the dataset mask), or where a band read
+    is not finite (NaN, +-inf; zeroed before the model sees them), get class 255 and NaN
     probabilities. `progress(rows_done, rows)` is called after each finished strip. Deterministic
     for a deterministic `predict_batch`. Nothing appears at the output paths unless all succeeds.
     """
@@ -88,13 +90,14 @@ def predict_scene(
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), _open_scene(image_path) as src:
         grid = Grid.of(src)
         indexes = _band_indexes(src, bands)
+        scaling = scale if scale is not None else scene_scaling(src, indexes)
         with contextlib.ExitStack() as outputs:
             classes_dst = outputs.enter_context(class_raster_writer(out_classes, scheme, grid))
             probabilities_dst = (
                 outputs.enter_context(probability_writer(probabilities_path, scheme, grid))
                 if probabilities_path is not None else None
             )
-            strips = _stitched_strips(src, indexes, predict_batch, scale, scheme.num_classes,
+            strips = _stitched_strips(src, indexes, predict_batch, scaling, scheme.num_classes,
                                       window=window, overlap=overlap, batch_size=batch_size)
             for strip in strips:
                 _write_strip(strip, classes_dst, probabilities_dst)
@@ -208,13 +211,8 @@ def _read_strip(
     src: DatasetReader, indexes: list[int], top: int, height: int, window: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pixels (C, >=window, >=window) of scene rows [top, top + height), zero-padded only when the
-    scene is smaller than a window, and where any band holds data (the dataset mask), (height, W)."""
-    rows = Window(0, top, src.width, height)
-    try:
-        pixels = src.read(indexes, window=rows)
-        valid = src.dataset_mask(window=rows) > 0
-    except RasterioError as error:
-        raise DataError(src.name, f"cannot read rows {top}-{top + height}: {error}") from None
+    scene is smaller than a window, and where they hold data (`geo.readers.read_valid`), (height, W)."""
+    pixels, valid = read_valid(src, Window(0, top, src.width, height), indexes)
     if height < window or src.width < window:
         pixels = np.pad(pixels, ((0, 0), (0, max(0, window - height)), (0, max(0, window - src.width))))
     return pixels, valid

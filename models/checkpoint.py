@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from geo.atomic import atomic_output
+from geo.errors import DataError
 from models.backbones import ArchConfig, build_model
 
 WEIGHTS, CONFIG, TRAIN_STATE = "weights.pt", "config.json", "train_state.pt"
@@ -105,20 +109,62 @@ def save_run(
 
 
 def load_config(run_dir: Path) -> RunConfig:
-    return RunConfig.from_dict(json.loads((Path(run_dir) / CONFIG).read_text()))
+    """config.json of a run; DataError naming it when it is missing or not a run's."""
+    path = Path(run_dir) / CONFIG
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise DataError(run_dir, f"is not a run directory (no {CONFIG})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(path, f"cannot be read ({error})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DataError(path, f"is not a landcover run config ({type(error).__name__}: {error})") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A .pt file of ours, loaded with `weights_only=True` only: a file that would need any other
+    unpickling (someone else's pickle, or a hostile one) is refused, never loaded another way."""
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning is not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(path, "no such checkpoint file") from None
+    except pickle.UnpicklingError as error:
+        if str(error).startswith("Weights only load failed"):
+            raise DataError(path, "not a landcover checkpoint (refused to unpickle)") from None
+        raise DataError(path, f"cannot be read as a checkpoint, truncated or corrupt? ({error})") from None
+    except Exception as error:  # noqa: BLE001 - torch raises unrelated types for a garbled file
+        raise DataError(
+            path, f"cannot be read as a checkpoint, truncated or corrupt? ({_first_line(error)})"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise DataError(path, f"not a landcover checkpoint (holds a {type(loaded).__name__})")
+    return loaded
 
 
 def load_run(run_dir: Path, device: torch.device | str = "cpu") -> LoadedRun:
     """The model of a run directory, in eval mode on `device`, with its config and inner rates."""
+    if not (Path(run_dir) / WEIGHTS).is_file() or not (Path(run_dir) / CONFIG).is_file():
+        raise DataError(run_dir, f"is not a run directory (no {CONFIG} and {WEIGHTS})")
     config = load_config(run_dir)
-    weights = torch.load(Path(run_dir) / WEIGHTS, map_location="cpu", weights_only=True)
-    model = build_model(config.arch)
-    model.load_state_dict(weights["model"])
-    rates = {
-        name: float(rate) if rate.ndim == 0 else rate.float()
-        for name, rate in weights["inner_lrs"].items()
-    }
+    path = Path(run_dir) / WEIGHTS
+    weights = load_checkpoint(path)
+    try:
+        model = build_model(config.arch)
+        model.load_state_dict(weights["model"])
+        rates = {
+            name: float(rate) if rate.ndim == 0 else rate.float()
+            for name, rate in weights["inner_lrs"].items()
+        }
+    except (KeyError, RuntimeError, AttributeError, TypeError, ValueError) as error:
+        raise DataError(path, f"does not hold the weights its {CONFIG} describes ({_first_line(error)})") from None
     return LoadedRun(model.to(device).eval(), config, rates)
+
+
+def _first_line(error: Exception) -> str:
+    """torch's state-dict errors list every tensor; the first line says what is wrong."""
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
 def save_train_state(
@@ -143,11 +189,14 @@ def load_train_state(run_dir: Path, module: nn.Module, optimizer: torch.optim.Op
     path = Path(run_dir) / TRAIN_STATE
     if not path.exists():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["module"])
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
-    return int(state["iteration"])
+    state = load_checkpoint(path)
+    try:
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        return int(state["iteration"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise DataError(path, f"is not this run's training state ({_first_line(error)})") from None
 
 
 def _cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -176,16 +225,10 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """`write` into a temporary file beside `path`, flushed to disk, then renamed onto it.
-
-    (The same discipline as `geo.atomic.atomic_output`; models may not import geo.)
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """`write` into a temporary file beside `path`, flushed to disk, then renamed onto it
+    (`geo.atomic.atomic_output`): a kill or a full disk leaves the previous file, so training
+    resumes from it once there is space again."""
+    with atomic_output(path) as temporary, open(temporary, "xb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -15,6 +15,7 @@ dropped (and counted): no candidate sees what lies under them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,14 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from geo.atomic import atomic_output
+from geo.atomic import atomic_output, check_output_file, check_output_folder, folder_lock, output_group
 from geo.classes import DFC10, IGNORE_INDEX, SCHEMES, ClassScheme
 from geo.errors import DataError
 from geo.export import style_path, write_polygons
 from geo.labels import LabelledPixels, read_labels
-from geo.readers import scale_image
+from geo.readers import finite_pixels, has_data, read_valid, read_window, scene_scaling
 from geo.windows import SceneMap, predict_scene
-from models.checkpoint import TRAIN_STATE, LoadedRun, RunConfig, load_run, save_run
+from models.checkpoint import TRAIN_STATE, LoadedRun, RunConfig, load_checkpoint, load_run, save_run
 from models.device import pick_device
 from models.finetune import predict
 from pipeline.candidates import (
@@ -134,14 +135,13 @@ def adapt(
             raise DataError(labels, "--save-adapted needs a run among --model/--compare (the pixel classifier alone is not a run)")
         for source in runs:
             _check_adapted_dir(Path(save_adapted), Path(source))
-    for source, run in runs.items():
-        _check_bands(image, run.config)
     scheme = _common_scheme(runs)
+    bands = _scene_bands(image, next(iter(runs.values())).config.bands if runs else None)
     stride = max([_stride(run.config) for run in runs.values()], default=1)
     if config.support_window < stride or config.support_window % stride:
         raise ValueError(f"support_window ({config.support_window}) must be a multiple of the model's stride ({stride})")
     pixels = read_labels(labels, image, scheme, config.class_column)
-    on_data = _on_data(image, pixels, config.support_window)
+    on_data = _on_data(image, pixels, config.support_window, bands)
     if not on_data.any():
         raise DataError(labels, f"all {len(pixels)} labelled pixels fall on nodata pixels of the scene {image}")
     kept = dataclasses.replace(
@@ -152,7 +152,7 @@ def adapt(
     if config.pick not in ("best", "first", *named):
         raise DataError(labels, f"--pick {config.pick!r} is not best, first or a candidate: {', '.join(named)}")
     window, _ = _scene_window(image, config, stride)
-    scene = labelled_scene(image, kept, config.support_window, window)
+    scene = labelled_scene(image, kept, config.support_window, window, bands)
     validation = (
         cross_validate(candidates, scene, spacing=config.spacing, folds=config.folds) if config.check else None
     )
@@ -161,16 +161,17 @@ def adapt(
     chosen = candidates[named.index(wanted)]
     everything = np.ones(len(scene), dtype=bool)
     predictor = chosen.fit(scene.support(everything, context=chosen.fits_on_context))
-    result = _map(predictor, image, out, scheme, scene.classes, probabilities, vector, config, stride)
-    report = None
-    if validation is not None:
-        report = write_map_report(
-            out, MapReportInput(
-                scene=image, labels=labels, class_names=scheme.names, classes=scene.classes,
-                targets=scene.targets, validation=validation, chosen=chosen.name, pick=config.pick,
-                descriptions={c.name: c.describe() for c in candidates},
-            ),
-        )
+    with output_group():  # the map, its style, probabilities, polygons and reports appear together
+        result = _map(predictor, image, out, scheme, scene.classes, probabilities, vector, config, stride, bands)
+        report = None
+        if validation is not None:
+            report = write_map_report(
+                out, MapReportInput(
+                    scene=image, labels=labels, class_names=scheme.names, classes=scene.classes,
+                    targets=scene.targets, validation=validation, chosen=chosen.name, pick=config.pick,
+                    descriptions={c.name: c.describe() for c in candidates},
+                ),
+            )
     adapted_dir = None
     if save_adapted is not None:
         adapted_dir = _save_adapted(Path(save_adapted), chosen, predictor, runs, scene, model_dir)
@@ -229,11 +230,13 @@ def _common_scheme(runs: dict[str, LoadedRun]) -> ClassScheme:
     return _scheme(first_run.config)
 
 
-def labelled_scene(image: Path, pixels: LabelledPixels, support_size: int, context_size: int) -> LabelledScene:
+def labelled_scene(
+    image: Path, pixels: LabelledPixels, support_size: int, context_size: int, bands: Sequence[int] | None = None
+) -> LabelledScene:
     """The labelled pixels with their support windows and prediction-size context windows."""
     classes = np.unique(pixels.class_ids).astype(np.int64)
-    support_images, support_at = cut_windows(image, pixels, support_size)
-    context_images, context_at = cut_windows(image, pixels, context_size)
+    support_images, support_at = cut_windows(image, pixels, support_size, bands)
+    context_images, context_at = cut_windows(image, pixels, context_size, bands)
     return LabelledScene(
         classes=classes, targets=np.searchsorted(classes, pixels.class_ids), rows=pixels.rows, cols=pixels.cols,
         support_images=support_images, support_at=support_at,
@@ -252,18 +255,26 @@ def support_windows(
     return images, labels
 
 
-def cut_windows(image: Path, pixels: LabelledPixels, size: int) -> tuple[np.ndarray, np.ndarray]:
+def cut_windows(
+    image: Path, pixels: LabelledPixels, size: int, bands: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Scaled windows of `size` pixels on a grid over the scene, those holding labels, and where
     each label lies in them ((n, 3): window, row, column). A grid (not one window per label)
     reads every labelled pixel once, however close the labels lie: a cell's window is moved back
     to end at the scene's edge, and a label belongs to its own cell's window only. A scene
-    smaller than `size` gives windows of `size` padded with zeros."""
+    smaller than `size` gives windows of `size` padded with zeros. `bands`: the 1-based bands
+    to read, in the model's order (default: all); non-finite pixels are zeroed, as prediction
+    does (`geo.readers.finite_pixels`)."""
     images = []
     at = np.zeros((len(pixels), 3), dtype=np.int64)
     cell_rows, cell_cols = pixels.rows // size, pixels.cols // size
     with rasterio.open(image) as src:
+        indexes = list(src.indexes) if bands is None else list(bands)
+        scaling = scene_scaling(src, indexes)
         for number, (window, (cell_row, cell_col)) in enumerate(_cell_windows(pixels, size)):
-            images.append(scale_image(src.read(window=window, boundless=True, fill_value=0)))
+            raw = read_window(src, image, window, indexes, boundless=True)
+            finite_pixels(raw)
+            images.append(scaling(raw))
             inside = (cell_rows == cell_row) & (cell_cols == cell_col)
             at[inside] = np.column_stack([
                 np.full(int(inside.sum()), number), pixels.rows[inside] - int(window.row_off),
@@ -301,7 +312,7 @@ def predict_map(
         {"--model": model_dir, "--image": image}, reports=False,
     )
     run = _load(model_dir, config.device)
-    _check_bands(image, run.config)
+    bands = _scene_bands(image, run.config.bands)
     scheme = _scheme(run.config)
     adapted = run.config.settings.get(ADAPTED_CLASSES)
     classes = np.asarray(adapted if adapted else range(scheme.num_classes), dtype=np.int64)
@@ -309,11 +320,12 @@ def predict_map(
     if predictor is None:
         model = run.model
         predictor = lambda batch: predict(model, batch, classes, batch_size=config.batch_size)  # noqa: E731
-    return _map(predictor, image, out, scheme, classes, probabilities, vector, config, _stride(run.config))
+    return _map(predictor, image, out, scheme, classes, probabilities, vector, config, _stride(run.config), bands)
 
 
-def _on_data(image: Path, pixels: LabelledPixels, size: int) -> np.ndarray:
-    """Whether each labelled pixel has data in the scene (its dataset mask), read cell by cell."""
+def _on_data(image: Path, pixels: LabelledPixels, size: int, bands: Sequence[int]) -> np.ndarray:
+    """Whether each labelled pixel has data in the scene (its dataset mask, and every band read
+    finite: NaN and +-inf are nodata), read cell by cell."""
     on_data = np.zeros(len(pixels), dtype=bool)
     with rasterio.open(image) as src:
         for window, _ in _cell_windows(pixels, size):
@@ -323,14 +335,14 @@ def _on_data(image: Path, pixels: LabelledPixels, size: int) -> np.ndarray:
                 (pixels.rows >= row) & (pixels.rows < row + int(window.height))
                 & (pixels.cols >= col) & (pixels.cols < col + int(window.width))
             )
-            mask = src.dataset_mask(window=window) > 0
-            on_data[inside] = mask[pixels.rows[inside] - row, pixels.cols[inside] - col]
+            _, valid = read_valid(src, window, bands)
+            on_data[inside] = valid[pixels.rows[inside] - row, pixels.cols[inside] - col]
     return on_data
 
 
 def _map(
     predictor: Predictor, image: Path, out: Path, scheme: ClassScheme, classes: np.ndarray,
-    probabilities: Path | None, vector: Path | None, config: MapConfig, stride: int,
+    probabilities: Path | None, vector: Path | None, config: MapConfig, stride: int, bands: Sequence[int],
 ) -> MapResult:
     window, overlap = _scene_window(image, config, stride)
 
@@ -340,11 +352,12 @@ def _map(
         return scores
 
     try:
-        scene_map = predict_scene(
-            image, predict_batch, out, scheme=scheme, window=window, overlap=overlap,
-            batch_size=config.batch_size, probabilities_path=probabilities,
-        )
-        polygons = write_polygons(out, vector, scheme) if vector is not None else None
+        with output_group():  # all of the map's files appear together (or none): geo/atomic.py
+            scene_map = predict_scene(
+                image, predict_batch, out, scheme=scheme, window=window, overlap=overlap,
+                batch_size=config.batch_size, bands=bands, probabilities_path=probabilities,
+            )
+            polygons = write_polygons(out, vector, scheme) if vector is not None else None
     except (OSError, rasterio.errors.RasterioError) as error:  # an output folder we cannot write to
         raise DataError(out, f"cannot write the outputs: {error}") from None
     return MapResult(
@@ -367,14 +380,15 @@ def _save_adapted(
         "adapted_candidate": chosen.name,
     }
     adapted_config = dataclasses.replace(run.config, method=f"{run.config.method} adapted", settings=settings)
-    save_run(folder, model, adapted_config, run.inner_lrs)
-    head = folder / ADAPTED_HEAD
-    if isinstance(predictor, LinearScores):
-        features = "bands" if isinstance(chosen, PixelCandidate) else "network"
-        with atomic_output(head) as tmp:
-            torch.save({"features": features, **predictor.state()}, tmp)
-    else:
-        head.unlink(missing_ok=True)
+    with folder_lock(folder):  # two adapts saving here at once: one's files, never a mix
+        save_run(folder, model, adapted_config, run.inner_lrs)
+        head = folder / ADAPTED_HEAD
+        if isinstance(predictor, LinearScores):
+            features = "bands" if isinstance(chosen, PixelCandidate) else "network"
+            with atomic_output(head) as tmp:
+                torch.save({"features": features, **predictor.state()}, tmp)
+        else:
+            head.unlink(missing_ok=True)
     return folder
 
 
@@ -383,11 +397,10 @@ def _saved_head(run_dir: Path, run: LoadedRun, count: int) -> LinearScores | Non
     path = run_dir / ADAPTED_HEAD
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        features = state.pop("features")
-    except Exception as error:  # torch raises many unrelated types for a bad file
-        raise DataError(path, f"not a landcover head (refused to load): {type(error).__name__}: {error}") from None
+    state = load_checkpoint(path)
+    features = state.pop("features", None)
+    if features not in ("bands", "network"):
+        raise DataError(path, "not a landcover head (no features entry of bands or network)")
     featurize = (lambda images: images) if features == "bands" else HeadCandidate("", run.model).featurize
     return LinearScores.from_state(state, count, featurize)
 
@@ -424,8 +437,7 @@ def _check_outputs(
         for input_option, input_path in given.items():
             if path == input_path:
                 raise DataError(path, f"is the {input_option} input; {option} would overwrite it")
-        if path.is_dir():
-            raise DataError(path, f"is a folder; {option} needs a file name")
+        check_output_file(path, option)
         seen[path] = option
 
 
@@ -433,8 +445,7 @@ def _check_adapted_dir(save_adapted: Path, model_dir: Path) -> None:
     """Never overwrite the run being adapted, nor a run still in training."""
     if save_adapted.resolve() == Path(model_dir).resolve():
         raise DataError(save_adapted, "is the --model run itself; save the adapted model elsewhere")
-    if save_adapted.exists() and not save_adapted.is_dir():
-        raise DataError(save_adapted, "is a file; --save-adapted needs a folder")
+    check_output_folder(save_adapted, "--save-adapted")
     if (save_adapted / TRAIN_STATE).exists():
         raise DataError(save_adapted, "holds a training run (train_state.pt); save the adapted model elsewhere")
 
@@ -443,11 +454,7 @@ def _load(model_dir: Path, device: str, otherwise: str = "") -> LoadedRun:
     """A run directory's model; `otherwise` names what else the option would have accepted."""
     if not (Path(model_dir) / "config.json").is_file() or not (Path(model_dir) / "weights.pt").is_file():
         raise DataError(model_dir, f"is not a run directory (no config.json and weights.pt){otherwise}")
-    torch_device = pick_device(device)
-    try:
-        run = load_run(model_dir, torch_device)
-    except Exception as error:  # torch, json and the config classes raise many unrelated types
-        raise DataError(model_dir, f"cannot load the model: {type(error).__name__}: {error}") from None
+    run = load_run(model_dir, pick_device(device))
     if run.config.task != "segmentation":
         raise DataError(model_dir, f"is a {run.config.task} model; mapping a scene needs a segmentation one")
     return run
@@ -461,16 +468,42 @@ def _scheme(config: RunConfig) -> ClassScheme:
     return ClassScheme(name="folder", names=config.class_names, colors=config.class_colors)
 
 
-def _check_bands(image: Path, config: RunConfig) -> None:
-    """The scene must have the bands the model was trained on (in the same order)."""
+def _scene_bands(image: Path, bands: Sequence[str] | None) -> list[int]:
+    """The 1-based scene bands holding the model's `bands`, in the model's order (None: every band,
+    for the pixel classifier alone). A scene that names all its bands has them matched by name, so
+    one with the bands in another order maps right; else it must have as many bands as the model.
+    A scene without a pixel of data is refused here, before any work."""
     try:
         with rasterio.open(image) as src:
-            count = src.count
+            indexes = list(src.indexes) if bands is None else _match_bands(image, src.descriptions, bands)
+            if not has_data(src, indexes):
+                raise DataError(image, "holds no data: every pixel is nodata, NaN or +-inf")
     except rasterio.errors.RasterioError as error:
         raise DataError(image, f"cannot read the scene: {error}") from None
-    if count != len(config.bands):
+    return indexes
+
+
+def _match_bands(image: Path, descriptions: Sequence[str | None], bands: Sequence[str]) -> list[int]:
+    """Indexes of the bands described as `bands` (see `_band_key`), or by position when the scene
+    does not name its bands as the model does (no descriptions, or generic ones like "Band 1")."""
+    keys = [_band_key(str(name)) for name in descriptions if name]
+    if not all(descriptions) or not set(keys) & {_band_key(band) for band in bands}:
+        if len(descriptions) != len(bands):
+            raise DataError(
+                image, f"has {len(descriptions)} bands but the model was trained on {len(bands)} ({', '.join(bands)})"
+            )
+        return list(range(1, len(bands) + 1))
+    missing = [band for band in bands if _band_key(band) not in keys]
+    twice = [band for band in bands if keys.count(_band_key(band)) > 1]
+    if missing or twice:
+        problem = f"no band {', '.join(missing)}" if missing else f"more than one band {', '.join(twice)}"
         raise DataError(
-            image,
-            f"has {count} bands but the model was trained on {len(config.bands)} "
-            f"({', '.join(config.bands)})",
+            image, f"has bands {', '.join(map(str, descriptions))} ({problem}); the model needs "
+            f"{', '.join(bands)}, in that order",
         )
+    return [keys.index(_band_key(band)) + 1 for band in bands]
+
+
+def _band_key(name: str) -> str:
+    """A band name as matched: any case, Sentinel-2 zero padding dropped ("B02" is "b2", "B08A" "b8a")."""
+    return re.sub(r"^b0+(?=\d)", "b", name.strip().lower())

@@ -25,15 +25,35 @@ app = typer.Typer(
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
+def user_error_line(error: Exception) -> str | None:
+    """The one line a user mistake or an unusable file is reported with, None for a bug.
+
+    Step functions raise DataError naming the file; an OSError that escapes them (a read-only or
+    full folder, a file where a folder should be) names its file itself.
+    """
+    if isinstance(error, DataError):
+        text = str(error)
+    elif isinstance(error, OSError) and error.strerror:
+        where = error.filename2 or error.filename
+        text = f"{where}: {error.strerror}" if where else error.strerror
+    else:
+        return None
+    # the causes we quote (YAML, GDAL, pyarrow) may span lines; the report stays one line
+    return "error: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def reports_user_errors(command: Command) -> Command:
-    """Turn a DataError into a one-line message on stderr and exit status 1."""
+    """Turn a user's mistake into a one-line message on stderr and exit status 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except DataError as error:
-            typer.echo(f"error: {error}", err=True)
+        except (DataError, OSError) as error:
+            line = user_error_line(error)
+            if line is None:
+                raise
+            typer.echo(line, err=True)
             raise typer.Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -120,6 +140,7 @@ def sample_data(
     ),
 ) -> None:
     """Write synthetic data in a real release layout (see geo/sample_data.py for its model)."""
+    from geo.atomic import check_output_folder
     from geo.sample_data import DIFFICULTIES, KINDS, generate
 
     if kind not in KINDS:
@@ -128,6 +149,7 @@ def sample_data(
         raise typer.BadParameter(
             f"choose one of {', '.join(DIFFICULTIES)}", param_hint="--difficulty"
         )
+    check_output_folder(out, "OUT")
     try:
         written = generate(kind, out, seed=seed, regions=regions, size=size, difficulty=difficulty)
     except ValueError as error:

@@ -269,6 +269,8 @@ def load_config(path: Path | None) -> FlowConfig:
         document = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise DataError(path, f"cannot read the flow config: {error}") from None
+    except UnicodeDecodeError:
+        raise DataError(path, "is not a text file; a flow config is YAML") from None
     try:
         if not isinstance(document, Mapping):
             raise ValueError("the file must hold a mapping of keys (output, data, methods, ...)")
@@ -280,9 +282,27 @@ def load_config(path: Path | None) -> FlowConfig:
             evaluate_config(evaluate_settings(config), "evaluation")
         if config.adapt is not None:
             map_config(adapt_settings(config), "adapt.map")
+        _check_inputs(config)
         return config
     except (TypeError, ValueError) as error:
         raise DataError(path, str(error)) from None
+
+
+def _check_inputs(config: FlowConfig) -> None:
+    """The data and scenes the file names must exist now, before any flow (or Prefect) starts."""
+    given = {"data.root": (config.data.root, "folder")}
+    if config.adapt is not None:
+        given.update({
+            "adapt.image": (config.adapt.image, "file"), "adapt.labels": (config.adapt.labels, "file"),
+            **{f"adapt.scenes[{i}]": (scene, "file") for i, scene in enumerate(config.adapt.scenes)},
+        })
+    for key, (path, kind) in given.items():
+        if path is None:
+            continue
+        if not path.exists():
+            raise ValueError(f"{key}: {path} does not exist")
+        if (kind == "folder") != path.is_dir():
+            raise ValueError(f"{key}: {path} is not a {kind}")
 
 
 _UNSET = object()

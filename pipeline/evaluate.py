@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from geo.atomic import check_output_folder
 from geo.errors import DataError
 from models.backbones import build_model
-from models.checkpoint import CONFIG, WEIGHTS, LoadedRun, load_run
+from models.checkpoint import LoadedRun, load_run
 from models.device import pick_device
 from models.metrics import mean_ci
 from pipeline.candidates import PIXEL, Candidate, FinetuneCandidate, PixelCandidate, run_candidates
@@ -88,8 +89,9 @@ def evaluate(
     """Score each run and random init on the test split; write results.csv, report.md, the plot."""
     if not run_dirs:
         raise DataError(index_path, "evaluate needs at least one run directory (--runs)")
+    check_output_folder(out_dir, "--out")
     device = pick_device(config.device)
-    runs = [_load(Path(run_dir), device) for run_dir in run_dirs]
+    runs = [load_run(Path(run_dir), device) for run_dir in run_dirs]
     first = runs[0].config
     for run_dir, run in zip(run_dirs, runs):
         if run.config.task != first.task or run.config.class_names != first.class_names:
@@ -176,15 +178,6 @@ def margins(results: pd.DataFrame) -> pd.DataFrame:
             "classical": classical, "margin": float(best["accuracy"]) - classical,
         })
     return pd.DataFrame(rows)
-
-
-def _load(run_dir: Path, device) -> LoadedRun:
-    if not (run_dir / CONFIG).is_file() or not (run_dir / WEIGHTS).is_file():
-        raise DataError(run_dir, "is not a run directory (no config.json and weights.pt): train first")
-    try:
-        return load_run(run_dir, device)
-    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as error:
-        raise DataError(run_dir, f"is not a readable run directory ({error})") from None
 
 
 def _names(run_dirs: Sequence[Path], runs: Sequence[LoadedRun]) -> list[str]:

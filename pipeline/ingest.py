@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from geo.atomic import check_output_file
 from geo.errors import DataError
 from geo.index import FileIndex, IndexResult, Skipped, assemble, build_index, index_file, write_index
 from geo.readers import Dataset, SourceFile, discover
@@ -38,6 +39,7 @@ def ingest(
     Prints nothing but the progress bar (stderr).
     """
     start = time.time()
+    check_output_file(out, "--out")
     result = build_index(source, root, workers=workers, progress=progress, grid=grid)
     return _save(result, out, strict=strict, start=start)
 
@@ -80,6 +82,7 @@ def _save(result: IndexResult, out: str | Path, *, strict: bool, start: float) -
     if strict and result.skipped:
         first, more = result.skipped[0], len(result.skipped) - 1
         raise DataError(first.path, first.reason + (f" (and {more} more bad files)" if more else ""))
+    check_output_file(out, "--out")
     write_index(result.frame, out, result.metadata)
     seconds = time.time() - start
     rows = len(result.frame)

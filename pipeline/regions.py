@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pandas as pd
 import yaml
 
+from geo.atomic import check_output_file
 from geo.errors import DataError
 from geo.index import read_index, write_index
 from tasks.regions import plot_regions, regions_by_kmeans, regions_by_metadata, tile_features
@@ -60,6 +61,7 @@ def build_regions(
     lists of regions per split. Regions sharing a SEN12MS scene id always share a split.
     """
     index_path, out = Path(index_path), Path(out)
+    check_output_file(out, "--out")
     frame, metadata = read_index(index_path)
     plot_path: Path | None = None
     unit: str | None = None

@@ -19,9 +19,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from geo.atomic import check_output_folder
 from geo.errors import DataError
 from models.backbones import arch_preset, build_model
 from models.checkpoint import (
@@ -165,6 +165,7 @@ def train(
     settings is refused before anything is written.
     """
     out_dir = Path(out_dir)
+    check_output_folder(out_dir, "--out")
     data = load_split_index(index_path)
     mean, std = data.band_statistics("train")
     arch = dataclasses.replace(
@@ -201,27 +202,27 @@ def train(
             f"{config.iterations} asked for; pick a new --out or ask for at least {start}"
         )
     started = time.perf_counter()
-    bar = tqdm(
-        total=config.iterations, initial=start, desc=f"train {config.method}",
-        disable=not progress, dynamic_ncols=True,
-    )
     iteration = start
     stopped = _stale(iteration, state, config)
-    while iteration < config.iterations and not stopped:
-        loss = trainer.step(iteration)
-        iteration += 1
-        if iteration % config.validate_every == 0 or iteration == config.iterations:
-            score = trainer.validation_score(val_episodes, run_config)
-            if score > state.best_score:
-                state = _Progress(best_score=score, best_iteration=iteration)
-                _save_best(out_dir, trainer, run_config, iteration, state)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", best=f"{state.best_score:.3f}")
-        stopped = _stale(iteration, state, config)
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations or stopped:
-            # after the best weights: a checkpoint never runs ahead of config.json
-            save_train_state(out_dir, trainer.module, trainer.optimizer, iteration)
-    bar.close()
+    # the bar ends its line even when a step fails (e.g. a full disk), before the error's line
+    with tqdm(
+        total=config.iterations, initial=start, desc=f"train {config.method}",
+        disable=not progress, dynamic_ncols=True,
+    ) as bar:
+        while iteration < config.iterations and not stopped:
+            loss = trainer.step(iteration)
+            iteration += 1
+            if iteration % config.validate_every == 0 or iteration == config.iterations:
+                score = trainer.validation_score(val_episodes, run_config)
+                if score > state.best_score:
+                    state = _Progress(best_score=score, best_iteration=iteration)
+                    _save_best(out_dir, trainer, run_config, iteration, state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", best=f"{state.best_score:.3f}")
+            stopped = _stale(iteration, state, config)
+            if iteration % config.checkpoint_every == 0 or iteration == config.iterations or stopped:
+                # after the best weights: a checkpoint never runs ahead of config.json
+                save_train_state(out_dir, trainer.module, trainer.optimizer, iteration)
     seconds = time.perf_counter() - started
     best = load_run(out_dir, device)
     budget = _pick_budget(best, data, config, val_episodes)

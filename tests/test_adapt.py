@@ -296,7 +296,9 @@ BAD_INPUTS = {
         ["fall on nodata pixels"],
     ),
     "not a run directory": lambda scene, run, folder: ("model", folder, ["is not a run directory"]),
-    "unreadable model": lambda scene, run, folder: ("model", _broken_run(run, folder), ["cannot load the model"]),
+    "unreadable model": lambda scene, run, folder: (
+        "model", _broken_run(run, folder), ["weights.pt: cannot be read as a checkpoint, truncated or corrupt?"],
+    ),
 }
 
 
@@ -323,7 +325,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(case: str, trained_runs: dic
         "--save-adapted", outputs / "model", "--device", "cpu",
     )
     assert result.exit_code == 1, result.output
-    assert result.stderr.startswith(f"error: {bad_file}: "), result.stderr
+    assert result.stderr.startswith((f"error: {bad_file}: ", f"error: {bad_file}/")), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     for words in expected:
         assert words in result.stderr
@@ -341,7 +343,7 @@ def test_predict_refuses_bad_inputs_and_writes_nothing(case: str, trained_runs: 
     result = invoke("predict", "--model", given["model"], "--image", given["image"], "--out", outputs / "map.tif",
                     "--probabilities", outputs / "probs.tif", "--vector", outputs / "map.gpkg")
     assert result.exit_code == 1, result.output
-    assert result.stderr.startswith(f"error: {bad_file}: ") and expected[0] in result.stderr
+    assert result.stderr.startswith((f"error: {bad_file}: ", f"error: {bad_file}/")) and expected[0] in result.stderr
     assert list(outputs.iterdir()) == []
 
 

@@ -93,7 +93,7 @@ def test_evaluate_refuses_bad_inputs_with_one_line(split_index, sen12ms_index, t
     not_a_run.mkdir()
     result = runner.invoke(app, ["evaluate", str(split_index), "--runs", str(not_a_run), "--out", str(out)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert flat(result.stderr) == f"error: {not_a_run}: is not a run directory (no config.json and weights.pt): train first"
+    assert flat(result.stderr) == f"error: {not_a_run}: is not a run directory (no config.json and weights.pt)"
 
     no_splits = runner.invoke(
         app, ["evaluate", str(sen12ms_index), "--runs", str(trained_runs["maml"]), "--out", str(out)]

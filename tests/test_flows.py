@@ -10,7 +10,6 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from uuid import UUID
 
@@ -51,7 +50,10 @@ def test_no_config_runs_every_step_on_sample_data() -> None:
 
 def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     path = tmp_path / "conf" / "flow.yaml"
-    path.parent.mkdir()
+    for scene in ("conf/a/one.tif", "conf/b/two.tif"):
+        (tmp_path / scene).parent.mkdir(parents=True)
+        (tmp_path / scene).touch()
+    (tmp_path / "eurosat").mkdir()
     path.write_text(
         "output: out\ndata: {source: folder, root: ../eurosat}\n"
         "methods: {fast: {method: fomaml, iterations: 5, shape: {n_way: 3}},\n"
@@ -84,6 +86,8 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ("adapt: {method: random}", "adapt.method 'random' is none of methods"),
         ("- a list", "the file must hold a mapping"),
         ("data: [unclosed", "cannot read the flow config"),
+        ("data: {root: nowhere}", "data.root: "),
+        ("adapt: {image: scene.tif, labels: labels.gpkg}", "adapt.image: "),
     ],
 )
 def test_config_mistakes_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
