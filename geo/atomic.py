@@ -157,12 +157,15 @@ class _Group:
 
     def __init__(self) -> None:
         self.staged: dict[Path, Path] = {}
+        self.removed: set[Path] = set()
+        """Outputs of an earlier run that this group's outputs make stale (see `remove_output`)."""
 
     def stage(self, temporary: Path, final: Path) -> None:
         key = Path(os.path.abspath(final))
         earlier = self.staged.pop(key, None)
         if earlier is not None:
             earlier.unlink(missing_ok=True)
+        self.removed.discard(key)
         self.staged[key] = temporary
 
     def holds(self, temporary: Path) -> bool:
@@ -172,11 +175,13 @@ class _Group:
         """Rename every staged file into place, all under the locks of their folders."""
         try:
             with contextlib.ExitStack() as locks:
-                for folder in sorted({final.parent for final in self.staged}):
+                for folder in sorted({final.parent for final in [*self.staged, *self.removed]}):
                     locks.enter_context(folder_lock(folder))
                 for final, temporary in list(self.staged.items()):
                     os.replace(temporary, final)
                     del self.staged[final]
+                for stale in self.removed:
+                    stale.unlink(missing_ok=True)
         finally:
             self.discard()
 
@@ -212,6 +217,17 @@ def output_group() -> Iterator[None]:
     finally:
         _GROUP.reset(token)
     group.commit()
+
+
+def remove_output(path: str | Path) -> None:
+    """Remove an output of an earlier run that the outputs being written make stale (e.g. the
+    report of a map that is being replaced): at the group's commit, under its locks, unless the
+    group writes `path` itself; at once outside a group."""
+    group = _GROUP.get()
+    if group is None:
+        Path(path).unlink(missing_ok=True)
+    else:
+        group.removed.add(Path(os.path.abspath(path)))
 
 
 def pending(path: str | Path) -> Path:

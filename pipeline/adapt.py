@@ -25,7 +25,14 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from geo.atomic import atomic_output, check_output_file, check_output_folder, folder_lock, output_group
+from geo.atomic import (
+    atomic_output,
+    check_output_file,
+    check_output_folder,
+    folder_lock,
+    output_group,
+    remove_output,
+)
 from geo.classes import DFC10, IGNORE_INDEX, SCHEMES, ClassScheme
 from geo.errors import DataError
 from geo.export import style_path, write_polygons
@@ -353,6 +360,8 @@ def _map(
 
     try:
         with output_group():  # all of the map's files appear together (or none): geo/atomic.py
+            for stale in report_paths(out).values():  # an earlier map's report; adapt writes its own
+                remove_output(stale)
             scene_map = predict_scene(
                 image, predict_batch, out, scheme=scheme, window=window, overlap=overlap,
                 batch_size=config.batch_size, bands=bands, probabilities_path=probabilities,

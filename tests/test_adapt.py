@@ -450,7 +450,12 @@ def test_a_named_candidate_maps_and_its_saved_head_predicts_the_same_map(
 
 
 def test_the_pixel_classifier_alone_maps_without_a_run_and_without_a_check(scene_files: SceneFiles, tmp_path: Path):
+    """Over a checked map of the same name: the earlier map's report goes with it, as it would
+    describe a map that is no longer there."""
     out = tmp_path / "pixel.tif"
+    checked = invoke("adapt", "--model", "pixel", "--image", scene_files.image, "--labels", scene_files.labels,
+                     "--out", out)
+    assert checked.exit_code == 0 and out.with_name("pixel.report.json").exists(), checked.output
     result = invoke("adapt", "--model", "pixel", "--no-check", "--image", scene_files.image,
                     "--labels", scene_files.labels, "--out", out)
     assert result.exit_code == 0, result.output
