@@ -102,14 +102,19 @@ def scale_image(
     """Raw pixels -> model input. uint8 -> [0, 1] by /255; anything else is reflectance x 10000:
     clip to [0, 10000], /10000.
 
-    Bands (axis -3) tagged with `scales`/`offsets` other than all (1, 0) hold reflectance (0..1)
+    Bands (axis -3) tagged with a scale/offset other than (1, 0) hold reflectance (0..1)
     as raw * scale + offset: it is rounded to reflectance x 10000 first, so a float32, int16 or
     uint16 scene with such tags gives the model exactly what the equivalent untagged uint16 scene
     gives. NaN and +-inf (nodata) become NaN, not a clipped reflectance (see `finite_pixels`).
     """
-    if scales is not None and offsets is not None and (set(scales) != {1} or set(offsets) != {0}):
-        per_band = (len(scales), 1, 1)
-        array = np.round((array * np.reshape(scales, per_band) + np.reshape(offsets, per_band)) * 10000)
+    tagged = (
+        (np.asarray(scales) != 1) | (np.asarray(offsets) != 0)
+        if scales is not None and offsets is not None else np.zeros(0, dtype=bool)
+    )
+    if tagged.any():
+        per_band = (len(tagged), 1, 1)
+        reflectance = np.round((array * np.reshape(scales, per_band) + np.reshape(offsets, per_band)) * 10000)
+        array = np.where(tagged.reshape(per_band), reflectance, array)  # untagged bands stay as they are
     elif array.dtype == np.uint8:
         return array.astype(np.float32) / np.float32(255)
     scaled = np.clip(array, 0, 10000).astype(np.float32) / np.float32(10000)

@@ -310,6 +310,13 @@ def test_a_scene_with_generic_band_names_is_read_by_position(
 # --- scale/offset tags ----------------------------------------------------------------------------
 
 
+def test_only_the_tagged_bands_of_a_scene_are_rescaled():
+    """Band 1 untagged (reflectance x 10000), band 2 tagged (raw x 1e-4 = reflectance): both 0.1234."""
+    raw = np.full((2, 1, 1), 1234, dtype=np.uint16)
+    scaled = readers.scale_image(raw, scales=[1.0, 1e-4], offsets=[0.0, 0.0])
+    np.testing.assert_allclose(scaled.ravel(), [0.1234, 0.1234], rtol=1e-6)
+
+
 TAGGED = {
     # dtype -> (scale, offset, raw nodata): raw * scale + offset is the reflectance
     "float32": (2e-4, -0.05, np.nan),
