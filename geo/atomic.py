@@ -78,7 +78,7 @@ def _temporary(final_path: Path, kind: str, suffix: str | None = None) -> Iterat
     create the file themselves), removed at the end unless it was renamed or staged."""
     folder = final_path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final_path)
+    _remove_stale_temporaries(final_path)
     handle, name = tempfile.mkstemp(
         prefix=f".{final_path.name}.{os.getpid()}@{_HOST}.",
         suffix=f".{kind}{final_path.suffix if suffix is None else suffix}", dir=folder,
@@ -89,7 +89,7 @@ def _temporary(final_path: Path, kind: str, suffix: str | None = None) -> Iterat
     try:
         yield path
     except Exception as error:
-        if not isinstance(error, DataError) and disk_full(folder, error):
+        if not isinstance(error, DataError) and _disk_full(folder, error):
             raise DataError(folder, f"no space left on device while writing {final_path.name}") from error
         raise
     finally:
@@ -98,7 +98,7 @@ def _temporary(final_path: Path, kind: str, suffix: str | None = None) -> Iterat
             path.unlink(missing_ok=True)
 
 
-def disk_full(folder: Path, error: BaseException) -> bool:
+def _disk_full(folder: Path, error: BaseException) -> bool:
     """Whether `error`, raised while writing into `folder`, comes from a full disk or quota."""
     seen: BaseException | None = error
     while seen is not None:
@@ -112,24 +112,20 @@ def disk_full(folder: Path, error: BaseException) -> bool:
     return stat.f_bavail * stat.f_frsize < FULL_BELOW
 
 
-def remove_stale_temporaries(final_path: str | Path) -> list[Path]:
+def _remove_stale_temporaries(final_path: Path) -> None:
     """Remove the temporary files of `final_path` left by processes of this host that are gone
-    (killed before they could clean up); returns what was removed."""
-    final_path = Path(final_path)
-    removed = []
+    (killed before they could clean up)."""
     prefix = f".{final_path.name}"
     try:
         names = [name for name in os.listdir(final_path.parent) if name.startswith(prefix)]
     except OSError:
-        return removed
+        return
     for name in names:
         match = _TEMPORARY.match(name, len(prefix))
         if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             os.unlink(final_path.parent / name)
-            removed.append(final_path.parent / name)
-    return removed
 
 
 def _alive(pid: int) -> bool:
