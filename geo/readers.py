@@ -259,9 +259,10 @@ def read_tiles(
             )
         except ValueError as error:
             raise DataError(file.path, str(error)) from None
+        scaling = scene_scaling(image, image.indexes)
         for tile_window in windows:
             tile = Tile(
-                image=scene_scaling(image, image.indexes)(read_window(image, file.path, tile_window)),
+                image=scaling(read_window(image, file.path, tile_window)),
                 mask=_mask(source, file, labels, tile_window),
                 s1=None if s1 is None else read_window(s1, file.s1_path, tile_window).astype(np.float32),
             )
