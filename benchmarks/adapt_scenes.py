@@ -9,6 +9,7 @@ R2-D2 and MAML from the pretrained weights, as the README does), then for each s
 the scene with each candidate fitted on its 5 labelled points per class. Races between methods
 live here, with their figures in BENCHMARKS.md, never in the test suite.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def train_runs(work: Path, difficulty: str, size: int, methods: list[str]) -> di
             continue
         init = str(runs["pretrain"]) if method != "pretrain" else None
         started = time.perf_counter()
-        config = TrainConfig(method=method, iterations=ITERATIONS[method], init_from=init)  # type: ignore[arg-type]
+        config = TrainConfig(method=method, iterations=ITERATIONS[method], init_from=init)
         train(index, out, config, progress=False)
         print(f"  trained {method} ({difficulty}) in {time.perf_counter() - started:.0f} s", flush=True)
     return runs
@@ -65,22 +66,43 @@ def scene_rows(runs: dict[str, Path], difficulty: str, seed: int, size: int, wor
     same folds but are not candidates of the default adapt."""
     scene = write_scene(work / f"scene-{difficulty}-{seed}", seed=seed, size=size, difficulty=difficulty)
     others = [path for method, path in runs.items() if method != "r2d2"]
-    default = adapt(runs["r2d2"], scene.image, scene.labels, work / "maps" / f"{difficulty}-{seed}-default.tif",
-                    config=MapConfig(device="cpu"))
-    checked = adapt(runs["r2d2"], scene.image, scene.labels, work / "maps" / f"{difficulty}-{seed}-all.tif",
-                    compare=others, config=MapConfig(device="cpu"))
+    default = adapt(
+        runs["r2d2"],
+        scene.image,
+        scene.labels,
+        work / "maps" / f"{difficulty}-{seed}-default.tif",
+        config=MapConfig(device="cpu"),
+    )
+    checked = adapt(
+        runs["r2d2"],
+        scene.image,
+        scene.labels,
+        work / "maps" / f"{difficulty}-{seed}-all.tif",
+        compare=others,
+        config=MapConfig(device="cpu"),
+    )
     assert default.report is not None and checked.report is not None
     estimates = {c["name"]: c["estimate"] for c in checked.report.content["candidates"]}
     rows = []
     for name, estimate in estimates.items():
-        single = adapt(runs["r2d2"], scene.image, scene.labels, work / "maps" / f"{difficulty}-{seed}-{name.replace(' ', '_')}.tif",
-                       compare=others, config=MapConfig(device="cpu", check=False, pick=name))
-        rows.append({
-            "difficulty": difficulty, "seed": seed, "candidate": name,
-            "truth": truth_accuracy(single.scene_map.classes, scene.truth),
-            "cv": float("nan") if estimate is None else estimate["accuracy"],
-            "chosen": name == default.chosen,
-        })
+        single = adapt(
+            runs["r2d2"],
+            scene.image,
+            scene.labels,
+            work / "maps" / f"{difficulty}-{seed}-{name.replace(' ', '_')}.tif",
+            compare=others,
+            config=MapConfig(device="cpu", check=False, pick=name),
+        )
+        rows.append(
+            {
+                "difficulty": difficulty,
+                "seed": seed,
+                "candidate": name,
+                "truth": truth_accuracy(single.scene_map.classes, scene.truth),
+                "cv": float("nan") if estimate is None else estimate["accuracy"],
+                "chosen": name == default.chosen,
+            }
+        )
     return rows
 
 
@@ -108,16 +130,20 @@ def _print_table(rows: list[dict]) -> None:
     print("\n| difficulty | seed | candidate | true accuracy | CV estimate | chosen |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['difficulty']} | {row['seed']} | {row['candidate']} | {row['truth']:.3f} | "
-              f"{row['cv']:.3f} | {'**yes**' if row['chosen'] else ''} |")
+        print(
+            f"| {row['difficulty']} | {row['seed']} | {row['candidate']} | {row['truth']:.3f} | "
+            f"{row['cv']:.3f} | {'**yes**' if row['chosen'] else ''} |"
+        )
     for difficulty in sorted({row["difficulty"] for row in rows}):
         for seed in sorted({row["seed"] for row in rows if row["difficulty"] == difficulty}):
             scene = [row for row in rows if row["difficulty"] == difficulty and row["seed"] == seed]
             chosen = next(row for row in scene if row["chosen"])
             pixel = next(row for row in scene if row["candidate"] == "pixel")
-            print(f"{difficulty} seed {seed}: adapt picks {chosen['candidate']} {chosen['truth']:.3f} "
-                  f"(pixel {pixel['truth']:.3f}, margin {chosen['truth'] - pixel['truth']:+.3f}; "
-                  f"CV error {chosen['cv'] - chosen['truth']:+.3f})")
+            print(
+                f"{difficulty} seed {seed}: adapt picks {chosen['candidate']} {chosen['truth']:.3f} "
+                f"(pixel {pixel['truth']:.3f}, margin {chosen['truth'] - pixel['truth']:+.3f}; "
+                f"CV error {chosen['cv'] - chosen['truth']:+.3f})"
+            )
     print(f"mean over rows: {np.mean([r['truth'] for r in rows]):.3f}")
 
 

@@ -6,9 +6,10 @@ Generates SEN12MS-layout sample data (`regions` scene ids x 2 seasons x 64 patch
 it three times: in-process with one thread (`pipeline.ingest.ingest`, the baseline), and with
 `flows.flows.ingest_flow` on a local cluster of 1 and of 2 worker processes (one thread each).
 Each flow run starts with an empty result cache, so every file is read; the cluster is started,
-and its workers have imported the project, before the clock starts. Flows run against a temporary Prefect server, so the user's Prefect
-database is left alone. Prints a Markdown table.
+and its workers have imported the project, before the clock starts. Flows run against a temporary
+Prefect server, so the user's Prefect database is left alone. Prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,10 @@ def flow_seconds(root: Path, folder: Path, *, workers: int, files_per_task: int)
         with Client(runner.address) as client:
             client.run(importlib.import_module, "flows.steps")
         start = time.perf_counter()
-        ingest_flow.with_options(task_runner=runner, result_storage=folder / f"cache-{workers}")(
-            "sen12ms", root, folder / f"flow-{workers}.parquet", files_per_task=files_per_task
-        )
+        ingest_flow.with_options(
+            task_runner=runner,  # type: ignore[arg-type]  # prefect_dask's typing: see flows.dask
+            result_storage=folder / f"cache-{workers}",
+        )("sen12ms", root, folder / f"flow-{workers}.parquet", files_per_task=files_per_task)
         return time.perf_counter() - start
 
 
@@ -56,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network needed
 
-    with tempfile.TemporaryDirectory(prefix="dask-ingest-bench-") as scratch, prefect_test_harness(
-        server_startup_timeout=180
+    with (
+        tempfile.TemporaryDirectory(prefix="dask-ingest-bench-") as scratch,
+        prefect_test_harness(server_startup_timeout=180),
     ):
         folder = Path(scratch)
         root = write_sen12ms(folder / "sen12ms", seed=0, regions=args.regions, size=args.size)
@@ -67,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             for workers in (1, 2)
         }
         assert all(
-            read_index(folder / f"flow-{workers}.parquet")[0].equals(read_index(baseline.out)[0])
-            for workers in seconds
+            read_index(folder / f"flow-{workers}.parquet")[0].equals(read_index(baseline.out)[0]) for workers in seconds
         ), "the flow's index differs from the in-process one"
     rate = {workers: baseline.rows / value for workers, value in seconds.items()}
     print(HEADER)

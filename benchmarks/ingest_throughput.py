@@ -32,17 +32,13 @@ class Run:
     cpu_seconds: float
 
 
-def measure(
-    folder: Path, *, regions: int = 4, size: int = 256, workers: tuple[int, ...] = (1, 2)
-) -> list[Run]:
+def measure(folder: Path, *, regions: int = 4, size: int = 256, workers: tuple[int, ...] = (1, 2)) -> list[Run]:
     """Write the data under `folder`, then ingest it once per worker count."""
     root = write_sen12ms(folder / "sen12ms", seed=0, regions=regions, size=size)
     runs = []
     for count in workers:
         start = time.process_time()
-        summary = ingest(
-            "sen12ms", root, folder / f"index-{count}.parquet", workers=count, progress=False
-        )
+        summary = ingest("sen12ms", root, folder / f"index-{count}.parquet", workers=count, progress=False)
         runs.append(Run(summary, time.process_time() - start))
     return runs
 
@@ -60,13 +56,9 @@ def markdown_row(size: int, runs: list[Run]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--regions", type=int, default=4, help="scene ids (x 2 seasons x 64 patches)"
-    )
+    parser.add_argument("--regions", type=int, default=4, help="scene ids (x 2 seasons x 64 patches)")
     parser.add_argument("--size", type=int, default=256, help="patch size in pixels")
-    parser.add_argument(
-        "--keep", type=Path, help="write here and keep the data (default: a temporary folder)"
-    )
+    parser.add_argument("--keep", type=Path, help="write here and keep the data (default: a temporary folder)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as scratch:
         runs = measure(args.keep or Path(scratch), regions=args.regions, size=args.size)

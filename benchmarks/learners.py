@@ -11,6 +11,7 @@ each pixel's bands, or on each tile's per-band mean and std for classification) 
 episodes at 1 and 5 shots. Prints each table (with the cost columns) and the margin of the best
 learner over the classical baseline. Races between methods live here, never in the test suite.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from models.checkpoint import load_config
 from models.learners import LEARNERS
 from pipeline.evaluate import EvaluateConfig, evaluate, margins
 from pipeline.ingest import ingest
-from pipeline.protocol import EpisodeShape
+from pipeline.protocol import EpisodeShape, Task
 from pipeline.regions import build_regions
 from pipeline.train import TrainConfig, train
 
@@ -30,19 +31,21 @@ SHOTS = (1, 5)
 PRETRAIN_ITERATIONS = 300
 ITERATIONS = 100
 """Training length of every learner after pretraining (all start from the pretrained weights)."""
-SHAPES = {
+SHAPES: dict[Task, EpisodeShape] = {
     "classification": EpisodeShape(n_way=4, k_shot=5, q_queries=5),
     "segmentation": EpisodeShape(n_way=4, k_shot=10, query_tiles=2),
 }
 
 
-def dataset(work: Path, task: str, difficulty: str) -> Path:
+def dataset(work: Path, task: Task, difficulty: str) -> Path:
     """The task's generated data, ingested and split into regions (reused when present)."""
     index = work / f"{task}-{difficulty}.parquet"
     if index.exists():
         return index
     if task == "classification":
-        root = write_eurosat(work / f"eurosat-{difficulty}", seed=0, regions=3, size=64, patches_per_class=45, difficulty=difficulty)
+        root = write_eurosat(
+            work / f"eurosat-{difficulty}", seed=0, regions=3, size=64, patches_per_class=45, difficulty=difficulty
+        )
         ingest("folder", root, index, progress=False)
         build_regions(index, index, by="metadata", split=(0.34, 0.33, 0.33), seed=0)
     else:
@@ -52,7 +55,7 @@ def dataset(work: Path, task: str, difficulty: str) -> Path:
     return index
 
 
-def train_all(work: Path, index: Path, task: str, difficulty: str, learners: list[str]) -> list[Path]:
+def train_all(work: Path, index: Path, task: Task, difficulty: str, learners: list[str]) -> list[Path]:
     """Pretrain, then every learner from the pretrained weights (finished runs are reused)."""
     runs: dict[str, Path] = {}
     for method in ["pretrain", *[m for m in learners if m != "pretrain"]]:
@@ -61,7 +64,9 @@ def train_all(work: Path, index: Path, task: str, difficulty: str, learners: lis
         if (out / "config.json").exists() and load_config(out).finetune_steps is not None:
             continue
         config = TrainConfig(
-            method=method, task=task, shape=SHAPES[task],  # type: ignore[arg-type]
+            method=method,
+            task=task,
+            shape=SHAPES[task],
             iterations=PRETRAIN_ITERATIONS if method == "pretrain" else ITERATIONS,
             init_from=None if method == "pretrain" else str(runs["pretrain"]),
         )
@@ -69,7 +74,8 @@ def train_all(work: Path, index: Path, task: str, difficulty: str, learners: lis
         summary = train(index, out, config, progress=False)
         print(
             f"  {task} {method}: {summary.iterations} iterations in {time.perf_counter() - started:.0f} s "
-            f"(with the budget pick), validation {summary.validation_accuracy:.3f}", flush=True,
+            f"(with the budget pick), validation {summary.validation_accuracy:.3f}",
+            flush=True,
         )
     return list(runs.values())
 
@@ -88,8 +94,11 @@ def main() -> None:
         index = dataset(args.work, task, args.difficulty)
         runs = train_all(args.work, index, task, args.difficulty, args.learners)
         report = evaluate(
-            index, runs, args.work / f"report-{task}-{args.difficulty}",
-            EvaluateConfig(shots=SHOTS, episodes=args.episodes, seed=0, n_way=4), progress=False,
+            index,
+            runs,
+            args.work / f"report-{task}-{args.difficulty}",
+            EvaluateConfig(shots=SHOTS, episodes=args.episodes, seed=0, n_way=4),
+            progress=False,
         )
         print(f"\n{task}, {args.difficulty} ({args.episodes} test episodes, {time.perf_counter() - started:.0f} s):")
         print(report.files.table)

@@ -6,12 +6,14 @@ Times `Maml.step` on the demo's episode shape (4-way, 5 labelled pixels per
 class, 2 query tiles of 32 px, 13 bands, meta-batch 4, 3 inner steps) with episodes drawn
 beforehand, so only the meta-step is measured. Prints a Markdown row per setting.
 """
+
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -33,7 +35,7 @@ def episodes(work: Path, count: int) -> list:
 
 
 def iterations_per_second(
-    batches: list[list], device: torch.device, size: str, first_order: bool, in_channels: int
+    batches: list[list], device: torch.device, size: Literal["tiny", "base"], first_order: bool, in_channels: int
 ) -> float:
     model = build_model(arch_preset(size, "segmentation", in_channels, 10), seed=0).to(device)
     learner = (Fomaml if first_order else Maml)(model, LearnerSettings(inner_steps=3, inner_lr=0.1))

@@ -7,6 +7,7 @@ model is a fixed per-pixel linear classifier (cheap, so the figures measure read
 writing, not a network). Prints a Markdown table; `whole scene` is what holding the scene, its
 scaled float32 copy, its scores and its probabilities in memory at once would take.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,18 @@ HEADER = (
 def write_large_scene(path: Path, size: int, *, bands: int = BANDS, strip: int = 512) -> Path:
     """A tiled uint16 UTM scene written strip by strip (smooth fields, a nodata corner)."""
     profile = {
-        "driver": "GTiff", "width": size, "height": size, "count": bands, "dtype": "uint16", "nodata": 0,
-        "crs": "EPSG:32633", "transform": from_origin(500_000, 5_000_000, 10, 10),
-        "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "count": bands,
+        "dtype": "uint16",
+        "nodata": 0,
+        "crs": "EPSG:32633",
+        "transform": from_origin(500_000, 5_000_000, 10, 10),
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
     }
     cols = np.arange(size)
     with rasterio.open(path, "w", **profile) as dst:
@@ -78,15 +88,24 @@ def measure(scene: Path, out_dir: Path, *, probabilities: bool) -> dict[str, flo
     baseline = psutil.Process().memory_info().rss
     start = time.perf_counter()
     result = predict_scene(
-        scene, linear_classifier(), out_dir / "classes.tif", scheme=SCHEME, window=WINDOW, overlap=OVERLAP,
-        batch_size=BATCH, probabilities_path=out_dir / "probabilities.tif" if probabilities else None,
+        scene,
+        linear_classifier(),
+        out_dir / "classes.tif",
+        scheme=SCHEME,
+        window=WINDOW,
+        overlap=OVERLAP,
+        batch_size=BATCH,
+        probabilities_path=out_dir / "probabilities.tif" if probabilities else None,
     )
     seconds = time.perf_counter() - start
     peak = peak_rss()
     size = result.grid.width
     return {
-        "size": size, "seconds": seconds, "megapixels_per_second": size * size / 1e6 / seconds,
-        "baseline_rss": baseline, "peak_rss": peak,
+        "size": size,
+        "seconds": seconds,
+        "megapixels_per_second": size * size / 1e6 / seconds,
+        "baseline_rss": baseline,
+        "peak_rss": peak,
         "whole_scene": whole_scene_bytes(size, probabilities=probabilities),
     }
 
@@ -110,8 +129,9 @@ def measure_in_subprocess(scene: Path, out_dir: Path, *, probabilities: bool) ->
     command = [sys.executable, "-m", "benchmarks.predict_memory", "--child", str(scene), str(out_dir)]
     if not probabilities:
         command.append("--no-probabilities")
-    completed = subprocess.run(command, capture_output=True, text=True, check=True,
-                               cwd=Path(__file__).resolve().parents[1])
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]
+    )
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 

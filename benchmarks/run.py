@@ -1,4 +1,5 @@
 """`make bench`: every speed and memory benchmark, one after the other; results go to BENCHMARKS.md by hand."""
+
 from __future__ import annotations
 
 from benchmarks import dask_ingest, ingest_throughput, meta_training, predict_memory

@@ -8,6 +8,7 @@ only, or a step would never match its own earlier run. Anything that is not a pa
 value (a tensor, a model, a data frame) is refused, because Prefect's own hash of such objects
 differs in every process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,6 +83,4 @@ def _plain(value: Any, name: str, *, written: bool) -> Any:
         return [_plain(item, name, written=written) for item in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(
-        f"argument {name!r}: a cache key takes paths and plain settings, not {type(value).__name__}"
-    )
+    raise TypeError(f"argument {name!r}: a cache key takes paths and plain settings, not {type(value).__name__}")

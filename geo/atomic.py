@@ -17,6 +17,7 @@ a writer: `...staging<suffix>`). A process killed with SIGKILL cannot remove its
 write of NAME in that folder removes those whose process (on this host) is gone. A temporary of a
 live process, or of another host, is never touched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,9 @@ from geo.errors import DataError
 try:
     import fcntl
 except ImportError:  # not POSIX: no locks (the renames stay atomic one by one)
-    fcntl = None  # type: ignore[assignment]
+    HAS_FLOCK = False
+else:
+    HAS_FLOCK = True
 
 FULL_BELOW = 2**20
 """Bytes: a write that fails while its folder has less than this free failed for want of space.
@@ -81,7 +84,8 @@ def _temporary(final_path: Path, kind: str, suffix: str | None = None) -> Iterat
     _remove_stale_temporaries(final_path)
     handle, name = tempfile.mkstemp(
         prefix=f".{final_path.name}.{os.getpid()}@{_HOST}.",
-        suffix=f".{kind}{final_path.suffix if suffix is None else suffix}", dir=folder,
+        suffix=f".{kind}{final_path.suffix if suffix is None else suffix}",
+        dir=folder,
     )
     os.close(handle)
     path = Path(name)
@@ -242,7 +246,7 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
     holder dies, so a killed run never leaves a folder locked."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
+    if not HAS_FLOCK:
         yield
         return
     descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

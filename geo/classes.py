@@ -3,6 +3,7 @@
 One place for class names, colours and label codes, so readers, the generator, the evaluation
 report and the GIS exports all agree on what class id 3 means.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,19 @@ IGNORE_INDEX = 255
 """Label value for unlabelled or unknown pixels, and the nodata value of exported class rasters."""
 
 S2_BANDS: tuple[str, ...] = (
-    "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12",
+    "B1",
+    "B2",
+    "B3",
+    "B4",
+    "B5",
+    "B6",
+    "B7",
+    "B8",
+    "B8A",
+    "B9",
+    "B10",
+    "B11",
+    "B12",
 )
 S1_BANDS: tuple[str, ...] = ("VV", "VH")
 RGB_BANDS: tuple[str, ...] = ("red", "green", "blue")
@@ -47,12 +60,28 @@ class ClassScheme:
 DFC10 = ClassScheme(
     name="dfc10",
     names=(
-        "Forest", "Shrubland", "Savanna", "Grassland", "Wetlands",
-        "Croplands", "Urban/Built-up", "Snow/Ice", "Barren", "Water",
+        "Forest",
+        "Shrubland",
+        "Savanna",
+        "Grassland",
+        "Wetlands",
+        "Croplands",
+        "Urban/Built-up",
+        "Snow/Ice",
+        "Barren",
+        "Water",
     ),
     colors=(
-        (0, 153, 0), (198, 176, 68), (251, 255, 19), (182, 255, 5), (39, 255, 135),
-        (255, 218, 90), (194, 79, 68), (105, 255, 248), (249, 255, 164), (28, 13, 255),
+        (0, 153, 0),
+        (198, 176, 68),
+        (251, 255, 19),
+        (182, 255, 5),
+        (39, 255, 135),
+        (255, 218, 90),
+        (194, 79, 68),
+        (105, 255, 248),
+        (249, 255, 164),
+        (28, 13, 255),
     ),
 )
 """Simplified IGBP classes used with SEN12MS (the DFC2020 scheme, 0-based)."""
@@ -60,8 +89,16 @@ DFC10 = ClassScheme(
 IGBP_TO_DFC10 = np.full(256, IGNORE_INDEX, dtype=np.uint8)
 """Lookup table: `IGBP_TO_DFC10[igbp_code]` is the DFC-10 class id (255 for codes outside 1-17)."""
 for _codes, _class_id in (
-    ((1, 2, 3, 4, 5), 0), ((6, 7), 1), ((8, 9), 2), ((10,), 3), ((11,), 4),
-    ((12, 14), 5), ((13,), 6), ((15,), 7), ((16,), 8), ((17,), 9),
+    ((1, 2, 3, 4, 5), 0),
+    ((6, 7), 1),
+    ((8, 9), 2),
+    ((10,), 3),
+    ((11,), 4),
+    ((12, 14), 5),
+    ((13,), 6),
+    ((15,), 7),
+    ((16,), 8),
+    ((17,), 9),
 ):
     IGBP_TO_DFC10[list(_codes)] = _class_id
 
@@ -74,8 +111,16 @@ DEEPGLOBE = ClassScheme(
 DEEPGLOBE_UNKNOWN_COLOR = (0, 0, 0)
 
 EUROSAT_CLASSES: tuple[str, ...] = (
-    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-    "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
 )
 """Folder names of the EuroSAT release; a folder dataset takes its classes from its own folders."""
 
@@ -84,10 +129,11 @@ def default_palette(count: int) -> tuple[tuple[int, int, int], ...]:
     """Distinct colours for a scheme read from folder names, which carries no colours of its own."""
     import colorsys
 
-    return tuple(
-        tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(i / max(count, 1), 0.75, 0.9))
-        for i in range(count)
-    )
+    def rgb(hue: float) -> tuple[int, int, int]:
+        red, green, blue = colorsys.hsv_to_rgb(hue, 0.75, 0.9)
+        return round(255 * red), round(255 * green), round(255 * blue)
+
+    return tuple(rgb(i / max(count, 1)) for i in range(count))
 
 
 def folder_scheme(names: list[str] | tuple[str, ...]) -> ClassScheme:

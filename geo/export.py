@@ -6,6 +6,7 @@ the overviews reading the staging file in blocks, so memory stays bounded whatev
 Images without georeferencing (DeepGlobe) are written in pixel coordinates; `Grid.georeferenced`
 tells the caller so it can say so.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,13 +85,15 @@ def class_raster_writer(path: str | Path, scheme: ClassScheme, grid: Grid) -> It
     When the block succeeds it becomes a COG at `path` (colour table, class names, nearest-neighbour
     overviews) with a QGIS style beside it; on an exception neither file appears.
     """
+
     def describe(dst: DatasetWriter) -> None:
         dst.write_colormap(1, class_colormap(scheme))
         dst.set_band_description(1, f"class ({scheme.name})")
         dst.update_tags(**_class_tags(scheme))
 
-    with _cog_writer(path, grid, count=1, dtype="uint8", nodata=IGNORE_INDEX, describe=describe,
-                     RESAMPLING="NEAREST") as dst:
+    with _cog_writer(
+        path, grid, count=1, dtype="uint8", nodata=IGNORE_INDEX, describe=describe, RESAMPLING="NEAREST"
+    ) as dst:
         yield dst
     write_qml(style_path(path), scheme)
 
@@ -103,12 +106,22 @@ def probability_writer(path: str | Path, scheme: ClassScheme, grid: Grid) -> Ite
     the floating-point predictor: float32 probabilities barely compress, so a higher level costs
     time for a few percent.
     """
+
     def describe(dst: DatasetWriter) -> None:
         dst.descriptions = scheme.names
         dst.update_tags(**_class_tags(scheme))
 
-    with _cog_writer(path, grid, count=scheme.num_classes, dtype="float32", nodata=float("nan"), describe=describe,
-                     RESAMPLING="AVERAGE", PREDICTOR="YES", LEVEL=1) as dst:
+    with _cog_writer(
+        path,
+        grid,
+        count=scheme.num_classes,
+        dtype="float32",
+        nodata=float("nan"),
+        describe=describe,
+        RESAMPLING="AVERAGE",
+        PREDICTOR="YES",
+        LEVEL=1,
+    ) as dst:
         yield dst
 
 
@@ -151,10 +164,21 @@ def _cog_writer(
     tiles without decoding the scene's full width again and again. Fast zstd, read back once.
     """
     profile = {
-        "driver": "GTiff", "width": grid.width, "height": grid.height, "count": count, "dtype": dtype,
-        "crs": grid.crs, "transform": grid.transform, "nodata": nodata, "interleave": "pixel",
-        "tiled": True, "blockxsize": COG_BLOCKSIZE, "blockysize": STAGING_BLOCK_ROWS,
-        "compress": "zstd", "zstd_level": 1, "bigtiff": "if_safer",
+        "driver": "GTiff",
+        "width": grid.width,
+        "height": grid.height,
+        "count": count,
+        "dtype": dtype,
+        "crs": grid.crs,
+        "transform": grid.transform,
+        "nodata": nodata,
+        "interleave": "pixel",
+        "tiled": True,
+        "blockxsize": COG_BLOCKSIZE,
+        "blockysize": STAGING_BLOCK_ROWS,
+        "compress": "zstd",
+        "zstd_level": 1,
+        "bigtiff": "if_safer",
     }
     with atomic_output(path) as target, scratch_file(path, ".tif") as staging:
         with warnings.catch_warnings():
@@ -164,8 +188,14 @@ def _cog_writer(
             describe(dst)
             yield dst
         rasterio.shutil.copy(
-            staging, target, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=COG_BLOCKSIZE,
-            OVERVIEWS="IGNORE_EXISTING", BIGTIFF="IF_SAFER", **cog_options,
+            staging,
+            target,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            BLOCKSIZE=COG_BLOCKSIZE,
+            OVERVIEWS="IGNORE_EXISTING",
+            BIGTIFF="IF_SAFER",
+            **cog_options,
         )
 
 
@@ -177,15 +207,28 @@ def write_qml(path: str | Path, scheme: ClassScheme) -> Path:
     root = ET.Element("qgis", version="3.28.0", styleCategories="AllStyleCategories")
     pipe = ET.SubElement(root, "pipe")
     provider = ET.SubElement(pipe, "provider")
-    ET.SubElement(provider, "resampling", enabled="false", zoomedInResamplingMethod="nearestNeighbour",
-                  zoomedOutResamplingMethod="nearestNeighbour", maxOversampling="2")
-    renderer = ET.SubElement(pipe, "rasterrenderer", type="paletted", band="1", opacity="1",
-                             alphaBand="-1", nodataColor="")
+    ET.SubElement(
+        provider,
+        "resampling",
+        enabled="false",
+        zoomedInResamplingMethod="nearestNeighbour",
+        zoomedOutResamplingMethod="nearestNeighbour",
+        maxOversampling="2",
+    )
+    renderer = ET.SubElement(
+        pipe, "rasterrenderer", type="paletted", band="1", opacity="1", alphaBand="-1", nodataColor=""
+    )
     ET.SubElement(renderer, "rasterTransparency")
     palette = ET.SubElement(renderer, "colorPalette")
     for class_id, (name, (red, green, blue)) in enumerate(zip(scheme.names, scheme.colors)):
-        ET.SubElement(palette, "paletteEntry", value=str(class_id), color=f"#{red:02x}{green:02x}{blue:02x}",
-                      label=name, alpha="255")
+        ET.SubElement(
+            palette,
+            "paletteEntry",
+            value=str(class_id),
+            color=f"#{red:02x}{green:02x}{blue:02x}",
+            label=name,
+            alpha="255",
+        )
     ET.SubElement(pipe, "rasterresampler", maxOversampling="2")
     ET.SubElement(root, "blendMode").text = "0"
     ET.indent(root)
@@ -217,7 +260,11 @@ def write_polygons(class_raster: str | Path, path: str | Path, scheme: ClassSche
             warnings.filterwarnings("ignore", "'crs' was not provided")  # pixel coordinates, on purpose
             for index, chunk in enumerate(_chunks(features)):
                 _polygon_frame(chunk, scheme, grid, Path(class_raster)).to_file(
-                    tmp, layer=layer, driver="GPKG", engine="pyogrio", mode="a" if index else "w",
+                    tmp,
+                    layer=layer,
+                    driver="GPKG",
+                    engine="pyogrio",
+                    mode="a" if index else "w",
                     geometry_type="Polygon",
                 )
     return Path(path)
@@ -233,13 +280,10 @@ def _chunks(features: Iterator[tuple[dict, int]]) -> Iterator[list[tuple[dict, i
             yield chunk
 
 
-def _polygon_frame(
-    features: list[tuple[dict, int]], scheme: ClassScheme, grid: Grid, source: Path
-) -> gpd.GeoDataFrame:
+def _polygon_frame(features: list[tuple[dict, int]], scheme: ClassScheme, grid: Grid, source: Path) -> gpd.GeoDataFrame:
     class_ids = np.array([value for _, value in features], dtype=np.int32)
     if class_ids.size and class_ids.max() >= scheme.num_classes:
-        raise DataError(source, f"holds class id {class_ids.max()}, but {scheme.name} has "
-                                f"{scheme.num_classes} classes")
+        raise DataError(source, f"holds class id {class_ids.max()}, but {scheme.name} has {scheme.num_classes} classes")
     geometries = shapely.from_geojson([json.dumps(geometry) for geometry, _ in features])  # GEOS parses in bulk
     if grid.vector_transform != grid.transform:  # GDAL polygonised in (col, row): flip to y = -row
         geometries = shapely.transform(geometries, lambda xy: xy * np.array([1.0, -1.0]))

@@ -7,6 +7,7 @@ representative point, so no label vanishes silently); lines the pixels they cros
 sparse (row, col, class arrays): the scene may be far larger than memory, the labels never are.
 Every problem with the file raises `DataError` naming it and saying what to fix.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,10 @@ class LabelledPixels:
         row_off, col_off = int(window.row_off), int(window.col_off)
         out = np.full((int(window.height), int(window.width)), IGNORE_INDEX, dtype=np.uint8)
         inside = (
-            (self.rows >= row_off) & (self.rows < row_off + out.shape[0])
-            & (self.cols >= col_off) & (self.cols < col_off + out.shape[1])
+            (self.rows >= row_off)
+            & (self.rows < row_off + out.shape[0])
+            & (self.cols >= col_off)
+            & (self.cols < col_off + out.shape[1])
         )
         out[self.rows[inside] - row_off, self.cols[inside] - col_off] = self.class_ids[inside]
         return out
@@ -127,8 +130,10 @@ def _class_ids(frame: gpd.GeoDataFrame, column: str, scheme: ClassScheme, path: 
     blank = values.isna() | (values.astype(str).str.strip() == "")
     if blank.any():
         first = int(np.flatnonzero(blank.to_numpy())[0])
-        raise DataError(path, f"{int(blank.sum())} features have no value (blank or null) in column "
-                              f"{column!r}, the first in row {first}")
+        raise DataError(
+            path,
+            f"{int(blank.sum())} features have no value (blank or null) in column {column!r}, the first in row {first}",
+        )
     if pd.api.types.is_numeric_dtype(values):
         return _checked_ids(values.to_numpy(), scheme, path, column)
     names = values.astype(str).str.strip()
@@ -137,8 +142,11 @@ def _class_ids(frame: gpd.GeoDataFrame, column: str, scheme: ClassScheme, path: 
     lookup = {name.casefold(): class_id for class_id, name in enumerate(scheme.names)}
     unknown = sorted({name for name in names if name.casefold() not in lookup})
     if unknown:
-        raise DataError(path, f"unknown class name(s) in column {column!r}: {', '.join(unknown)}; "
-                              f"valid classes of {scheme.name}: {', '.join(scheme.names)}")
+        raise DataError(
+            path,
+            f"unknown class name(s) in column {column!r}: {', '.join(unknown)}; "
+            f"valid classes of {scheme.name}: {', '.join(scheme.names)}",
+        )
     return np.array([lookup[name.casefold()] for name in names], dtype=np.int64)
 
 
@@ -148,8 +156,11 @@ def _checked_ids(values: np.ndarray, scheme: ClassScheme, path: str | Path, colu
     ids = values.astype(np.int64)
     wrong = sorted(set(ids[(ids < 0) | (ids >= scheme.num_classes)].tolist()))
     if wrong:
-        raise DataError(path, f"class ids {wrong} in column {column!r} are out of range: "
-                              f"{scheme.name} has ids 0-{scheme.num_classes - 1} ({', '.join(scheme.names)})")
+        raise DataError(
+            path,
+            f"class ids {wrong} in column {column!r} are out of range: "
+            f"{scheme.name} has ids 0-{scheme.num_classes - 1} ({', '.join(scheme.names)})",
+        )
     return ids
 
 
@@ -159,8 +170,11 @@ def _to_scene_crs(
     if frame.crs is None:
         return frame
     if grid.crs is None:
-        raise DataError(vector_path, f"labels are in {frame.crs.to_string()} but the scene {scene_path} has no CRS; "
-                                     "give the labels without a CRS, in pixel coordinates (x = col, y = -row)")
+        raise DataError(
+            vector_path,
+            f"labels are in {frame.crs.to_string()} but the scene {scene_path} has no CRS; "
+            "give the labels without a CRS, in pixel coordinates (x = col, y = -row)",
+        )
     return frame.to_crs(grid.crs.to_wkt())
 
 
@@ -174,8 +188,12 @@ def _label_pixels(geometry: BaseGeometry, grid: Grid) -> tuple[np.ndarray, np.nd
     if window is None:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     covered = rasterize(
-        [geometry], out_shape=(int(window.height), int(window.width)),
-        transform=window_transform(window, grid.vector_transform), fill=0, default_value=1, dtype="uint8",
+        [geometry],
+        out_shape=(int(window.height), int(window.width)),
+        transform=window_transform(window, grid.vector_transform),
+        fill=0,
+        default_value=1,
+        dtype="uint8",
     )
     rows, cols = np.nonzero(covered)
     if rows.size == 0:  # smaller than a pixel: label the pixel under it
@@ -210,8 +228,11 @@ def _deduplicated(rows: np.ndarray, cols: np.ndarray, labels: np.ndarray, grid: 
     conflicted = pixel[count > 1]
     pairs = pairs[:, ~np.isin(pairs[0], conflicted)]
     return LabelledPixels(
-        rows=pairs[0] // grid.width, cols=pairs[0] % grid.width, class_ids=pairs[1].astype(np.int64),
-        grid=grid, conflicting=int(conflicted.size),
+        rows=pairs[0] // grid.width,
+        cols=pairs[0] % grid.width,
+        class_ids=pairs[1].astype(np.int64),
+        grid=grid,
+        conflicting=int(conflicted.size),
     )
 
 

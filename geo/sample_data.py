@@ -73,6 +73,9 @@ from shapely.geometry import Point
 from geo.atomic import atomic_output
 from geo.classes import DEEPGLOBE, DEEPGLOBE_UNKNOWN_COLOR, DFC10, EUROSAT_CLASSES, IGBP_TO_DFC10
 
+ClassIds = Sequence[int] | np.ndarray
+"""Class ids of a region: a list, or an int array as `deal_classes` deals them."""
+
 SEASONS: tuple[str, ...] = (
     "ROIs1158_spring",
     "ROIs1868_summer",
@@ -330,7 +333,7 @@ def contrast_pull(signatures: np.ndarray, contrast: float) -> np.ndarray:
 def draw_shift(
     rng: np.random.Generator,
     log_signatures: np.ndarray,
-    present: Sequence[int],
+    present: ClassIds,
     basis: np.ndarray,
     strength: float,
 ) -> np.ndarray:
@@ -348,12 +351,10 @@ def draw_shift(
     return shifts
 
 
-def draw_place(rng: np.random.Generator, present: Sequence[int], difficulty: Difficulty) -> Place:
+def draw_place(rng: np.random.Generator, present: ClassIds, difficulty: Difficulty) -> Place:
     log_signatures = np.log(S2_SIGNATURES)
     log_signatures = log_signatures + contrast_pull(log_signatures, difficulty.contrast)
-    log_shift = draw_shift(
-        rng, log_signatures, present, _spectral_basis(WAVELENGTHS_NM), difficulty.region_shift
-    )
+    log_shift = draw_shift(rng, log_signatures, present, _spectral_basis(WAVELENGTHS_NM), difficulty.region_shift)
     s1_shift_db = rng.normal(0.0, difficulty.s1_shift_db, S1_SIGNATURES_DB.shape)
     return Place(log_shift=log_shift, s1_shift_db=s1_shift_db)
 
@@ -397,7 +398,7 @@ class Landscape:
 
 def class_fields_map(
     rng: np.random.Generator,
-    classes: Sequence[int],
+    classes: ClassIds,
     shape: tuple[int, int],
     scale: float,
     fractions: np.ndarray | None = None,
@@ -413,26 +414,20 @@ def class_fields_map(
     classes = np.asarray(classes)
     count = len(classes)
     height, width = shape
-    cell = max(1, int(round(scale / 4)))
+    cell = max(1, round(scale / 4))
     coarse = (math.ceil(height / cell) + 1, math.ceil(width / cell) + 1)
-    fields = ndimage.gaussian_filter(
-        rng.standard_normal((count, *coarse), dtype=np.float32), sigma=(0, 1.5, 1.5)
-    )
+    fields = ndimage.gaussian_filter(rng.standard_normal((count, *coarse), dtype=np.float32), sigma=(0, 1.5, 1.5))
     fields /= fields.std(axis=(1, 2), keepdims=True)
     fields = ndimage.zoom(fields, (1, cell, cell), order=1, grid_mode=True, mode="nearest")
     fields = fields[:, :height, :width]
-    fine = ndimage.gaussian_filter(
-        rng.standard_normal((count, height, width), dtype=np.float32), sigma=(0, 1.5, 1.5)
-    )
+    fine = ndimage.gaussian_filter(rng.standard_normal((count, height, width), dtype=np.float32), sigma=(0, 1.5, 1.5))
     fields += 0.1 * fine / max(float(fine.std()), 1e-12)
     if fractions is None:
         fractions = rng.dirichlet(np.full(count, 40.0))
     # balancing on a subsample is as good and much faster; it must not split blocks
     step = max(1, cell // 2) if block is None else math.gcd(block, max(1, cell // 2))
     sub_block = None if block is None else block // step
-    bias = _balance(
-        fields[:, ::step, ::step], fractions, lambda labels: _shares(labels, count, sub_block)
-    )
+    bias = _balance(fields[:, ::step, ::step], fractions, lambda labels: _shares(labels, count, sub_block))
     return classes[np.argmax(fields + bias[:, None, None], axis=0)].astype(np.uint8)
 
 
@@ -440,9 +435,7 @@ def _shares(labels: np.ndarray, count: int, block: int | None) -> np.ndarray:
     """Share of each label among pixels, or among block x block patches by majority."""
     if block is not None:
         rows, cols = labels.shape[0] // block, labels.shape[1] // block
-        patches = (
-            labels[: rows * block, : cols * block].reshape(rows, block, cols, block).swapaxes(1, 2)
-        )
+        patches = labels[: rows * block, : cols * block].reshape(rows, block, cols, block).swapaxes(1, 2)
         patches = patches.reshape(rows * cols, block * block)
         labels = np.stack([(patches == label).sum(axis=1) for label in range(count)]).argmax(axis=0)
     return np.bincount(labels.ravel(), minlength=count) / labels.size
@@ -483,9 +476,7 @@ def texture_field(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarra
     return (field / max(float(field.std()), 1e-12)).astype(np.float32)
 
 
-def draw_landscape(
-    rng: np.random.Generator, class_map: np.ndarray, scale: float, difficulty: Difficulty
-) -> Landscape:
+def draw_landscape(rng: np.random.Generator, class_map: np.ndarray, scale: float, difficulty: Difficulty) -> Landscape:
     """Objects, their brightness (with an IGBP sub-type each) and texture for a class map."""
     parcels = voronoi_objects(rng, class_map.shape, max(scale / 2, 2.0))
     objects = parcels * DFC10.num_classes + class_map
@@ -498,8 +489,7 @@ def draw_landscape(
         dtype=np.uint16,
     )
     log_gain = difficulty.object_variation * (
-        rng.standard_normal((count, 1))
-        + difficulty.object_band_variation * rng.standard_normal((count, 13))
+        rng.standard_normal((count, 1)) + difficulty.object_band_variation * rng.standard_normal((count, 13))
     )
     gain = (np.exp(log_gain) * IGBP_GAIN[igbp][:, None]).astype(np.float32)
     return Landscape(class_map, objects, gain, igbp, texture_field(rng, class_map.shape))
@@ -521,12 +511,8 @@ def render_s2(
     texture = (difficulty.texture * TEXTURE).astype(np.float32)
     reflectance *= (1 + texture[classes] * land.texture[grown])[..., None]
     reflectance = mix_pixels(reflectance, difficulty.mixing)[inner]
-    reflectance *= 1 + difficulty.pixel_noise * rng.standard_normal(
-        reflectance.shape, dtype=np.float32
-    )
-    reflectance = reflectance * acquisition.gain.astype(np.float32) + acquisition.offset.astype(
-        np.float32
-    )
+    reflectance *= 1 + difficulty.pixel_noise * rng.standard_normal(reflectance.shape, dtype=np.float32)
+    reflectance = reflectance * acquisition.gain.astype(np.float32) + acquisition.offset.astype(np.float32)
     return to_digital_numbers(reflectance.transpose(2, 0, 1))
 
 
@@ -576,9 +562,7 @@ def render_s1(
     return (db + 10 * np.log10(speckle)).transpose(2, 0, 1).astype(np.float32)
 
 
-def deal_classes(
-    rng: np.random.Generator, count: int, universe: int, low: int, high: int
-) -> list[np.ndarray]:
+def deal_classes(rng: np.random.Generator, count: int, universe: int, low: int, high: int) -> list[np.ndarray]:
     """`count` class subsets of size low..high dealt from shuffled decks, so every class occurs."""
     deck: list[int] = []
     subsets = []
@@ -604,9 +588,7 @@ def _rng(seed: int, kind: str, *index: int) -> np.random.Generator:
 # --- writers --------------------------------------------------------------------------------
 
 
-def write_geotiff(
-    path: Path, array: np.ndarray, crs: CRS, transform: Affine, **profile: object
-) -> Path:
+def write_geotiff(path: Path, array: np.ndarray, crs: CRS, transform: Affine, **profile: object) -> Path:
     """Write a (bands, H, W) array as a GeoTIFF, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     count, height, width = array.shape
@@ -632,9 +614,7 @@ def write_geotiff(
 def _write_image(path: Path, array: np.ndarray, image_format: str) -> None:
     """JPEG or PNG through Pillow: no georeferencing, like the DeepGlobe release."""
     with atomic_output(path) as tmp:
-        Image.fromarray(array).save(
-            tmp, format=image_format, **({"quality": 90} if image_format == "JPEG" else {})
-        )
+        Image.fromarray(array).save(tmp, format=image_format, **({"quality": 90} if image_format == "JPEG" else {}))
 
 
 def _origin_transform(left: float, top: float, x_size: float, y_size: float) -> Affine:
@@ -686,9 +666,7 @@ def write_sen12ms(
         rng = _rng(seed, "sen12ms", number)
         scale = BLOB_PATCHES * size
         equal = np.full(len(classes), 1 / len(classes))  # patch tasks want every class well stocked
-        class_map = class_fields_map(
-            rng, classes, (rows * size, cols * size), scale, equal, block=size
-        )
+        class_map = class_fields_map(rng, classes, (rows * size, cols * size), scale, equal, block=size)
         land = draw_landscape(rng, class_map, scale, preset)
         place = draw_place(rng, classes, preset)
         crs = utm_crs(zone, south)
@@ -700,16 +678,15 @@ def write_sen12ms(
             for patch in range(patches_per_region):
                 row, col = divmod(patch, cols)
                 window = (slice(row * size, (row + 1) * size), slice(col * size, (col + 1) * size))
+                all_bands_in_window = (slice(None), *window)
                 transform = _origin_transform(left + col * size * 10, top - row * size * 10, 10, 10)
                 for kind, array in (
                     ("s2", render_s2(rng, land, signatures, acquisition, preset, window)),
                     ("s1", render_s1(rng, land, place, str(season), preset, window)),
-                    ("lc", lc[(slice(None), *window)]),
+                    ("lc", lc[all_bands_in_window]),
                 ):
                     name = f"{season}_{kind}_{scene_id}_p{patch}.tif"
-                    write_geotiff(
-                        out / str(season) / f"{kind}_{scene_id}" / name, array, crs, transform
-                    )
+                    write_geotiff(out / str(season) / f"{kind}_{scene_id}" / name, array, crs, transform)
     return out
 
 
@@ -748,17 +725,13 @@ def write_deepglobe(
         looks = np.exp(log_looks + shift + tint)
         fractions = rng.dirichlet(np.full(len(classes), 40.0))
         for image_id in ids[region * images_per_region : (region + 1) * images_per_region]:
-            class_map = class_fields_map(
-                rng, classes, (size, size), scale=size / 4, fractions=fractions
-            )
+            class_map = class_fields_map(rng, classes, (size, size), scale=size / 4, fractions=fractions)
             land = draw_landscape(rng, class_map, size / 4, preset)
             texture = 1 + preset.texture * DEEPGLOBE_TEXTURE[class_map] * land.texture
             rgb = looks[class_map] * land.object_gain[land.objects][..., :3] * texture[..., None]
             rgb = mix_pixels(rgb, preset.mixing)
             rgb *= 1 + preset.pixel_noise * rng.standard_normal(rgb.shape)
-            _write_image(
-                out / f"{image_id}_sat.jpg", np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "JPEG"
-            )
+            _write_image(out / f"{image_id}_sat.jpg", np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "JPEG")
             mask = colours[class_map]
             mask[unknown_blobs(rng, (size, size))] = DEEPGLOBE_UNKNOWN_COLOR
             _write_image(out / f"{image_id}_mask.png", jitter_colours(rng, mask), "PNG")
@@ -770,17 +743,13 @@ def _image_ids(setup: np.random.Generator, count: int) -> list[str]:
     return [str(i) for i in setup.choice(np.arange(100_000, 1_000_000), size=count, replace=False)]
 
 
-def deepglobe_regions(
-    *, seed: int = 0, regions: int = 4, images_per_region: int = 4
-) -> dict[str, int]:
+def deepglobe_regions(*, seed: int = 0, regions: int = 4, images_per_region: int = 4) -> dict[str, int]:
     """Image id -> the region `write_deepglobe` drew it in: truth to check region discovery by."""
     ids = _image_ids(_rng(seed, "deepglobe"), regions * images_per_region)
     return {image_id: number // images_per_region for number, image_id in enumerate(ids)}
 
 
-def unknown_blobs(
-    rng: np.random.Generator, shape: tuple[int, int], share: float = 0.01
-) -> np.ndarray:
+def unknown_blobs(rng: np.random.Generator, shape: tuple[int, int], share: float = 0.01) -> np.ndarray:
     """A few small blobs covering about `share` of the image: DeepGlobe's Unknown pixels."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=max(shape) / 64)
     return field > np.quantile(field, 1 - share)
@@ -888,9 +857,7 @@ def write_scene(
     blocks = {"tiled": True, "blockxsize": 256, "blockysize": 256} if size >= 256 else {}
     files = SceneFiles(out / "scene.tif", out / "labels.gpkg", out / "truth.tif")
     write_geotiff(files.image, image, crs, transform, nodata=0, compress="deflate", **blocks)
-    write_geotiff(
-        files.truth, truth[None], crs, transform, nodata=255, compress="deflate", **blocks
-    )
+    write_geotiff(files.truth, truth[None], crs, transform, nodata=255, compress="deflate", **blocks)
     points = labelled_points(rng, truth, classes, points_per_class)
     xs, ys = xy(transform, points[:, 0], points[:, 1])
     frame = gpd.GeoDataFrame(
@@ -903,9 +870,7 @@ def write_scene(
     return files
 
 
-def labelled_points(
-    rng: np.random.Generator, truth: np.ndarray, classes: Sequence[int], count: int
-) -> np.ndarray:
+def labelled_points(rng: np.random.Generator, truth: np.ndarray, classes: ClassIds, count: int) -> np.ndarray:
     """(row, col) of `count` pixels per class, away from class edges, as a careful labeller."""
     chosen = []
     for class_id in classes:
@@ -913,9 +878,7 @@ def labelled_points(
         candidates = np.argwhere(inner if inner.any() else truth == class_id)
         if not len(candidates):
             continue
-        chosen.append(
-            candidates[rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)]
-        )
+        chosen.append(candidates[rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)])
     return np.concatenate(chosen)
 
 
@@ -943,14 +906,14 @@ def generate(
     `difficulty` names a preset of `DIFFICULTIES`."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    options = {
-        key: value for key, value in (("regions", regions), ("size", size)) if value is not None
-    }
+    options = {key: value for key, value in (("regions", regions), ("size", size)) if value is not None}
     if kind == "scene":
         if regions is not None:
             raise ValueError("a scene is one region: --regions does not apply")
         return write_scene(out, seed=seed, difficulty=difficulty, **options).image.parent
-    writer = {"sen12ms": write_sen12ms, "deepglobe": write_deepglobe, "eurosat": write_eurosat}[
-        kind
-    ]
-    return writer(out, seed=seed, difficulty=difficulty, **options)
+    writers: dict[str, Callable[..., Path]] = {
+        "sen12ms": write_sen12ms,
+        "deepglobe": write_deepglobe,
+        "eurosat": write_eurosat,
+    }
+    return writers[kind](out, seed=seed, difficulty=difficulty, **options)

@@ -15,6 +15,7 @@ are ever in memory: memory grows with the scene's width, never with its height. 
 of a row or column is moved back to end at the scene's edge, so only a scene smaller than one
 window is padded (with zeros).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,6 +36,7 @@ from geo.readers import read_valid, scene_scaling
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 """(B, C, h, w) float32 scaled pixels -> (B, K, h, w) float32 class scores (logits; -inf rules a class out)."""
+
 
 @dataclass(frozen=True)
 class SceneMap:
@@ -95,10 +97,19 @@ def predict_scene(
             classes_dst = outputs.enter_context(class_raster_writer(out_classes, scheme, grid))
             probabilities_dst = (
                 outputs.enter_context(probability_writer(probabilities_path, scheme, grid))
-                if probabilities_path is not None else None
+                if probabilities_path is not None
+                else None
             )
-            strips = _stitched_strips(src, indexes, predict_batch, scaling, scheme.num_classes,
-                                      window=window, overlap=overlap, batch_size=batch_size)
+            strips = _stitched_strips(
+                src,
+                indexes,
+                predict_batch,
+                scaling,
+                scheme.num_classes,
+                window=window,
+                overlap=overlap,
+                batch_size=batch_size,
+            )
             for strip in strips:
                 _write_strip(strip, classes_dst, probabilities_dst)
                 valid_pixels += int(strip.valid.sum())
@@ -171,8 +182,8 @@ def _stitched_strips(
     for top, next_top in zip(row_starts, [*row_starts[1:], src.height]):
         pixels, valid = _read_strip(src, indexes, top, strip_height, window)
         for first in range(0, len(col_starts), batch_size):
-            lefts = col_starts[first:first + batch_size]
-            batch = np.stack([pixels[:, :, left:left + window] for left in lefts])
+            lefts = col_starts[first : first + batch_size]
+            batch = np.stack([pixels[:, :, left : left + window] for left in lefts])
             probabilities = _window_probabilities(predict_batch, scale, batch, num_classes)
             _accumulate(total, weight_sum, weights, lefts, probabilities)
         done = next_top - top
@@ -188,8 +199,8 @@ def _accumulate(
     height, width = weight_sum.shape
     for left, window_probabilities in zip(lefts, probabilities):
         right = min(left + weights.shape[1], width)
-        weight = weights[:height, :right - left]
-        total[:, :, left:right] += window_probabilities[:, :height, :right - left] * weight
+        weight = weights[:height, : right - left]
+        total[:, :, left:right] += window_probabilities[:, :height, : right - left] * weight
         weight_sum[:, left:right] += weight
 
 
@@ -199,8 +210,10 @@ def _window_probabilities(
     scores = np.asarray(predict_batch(np.asarray(scale(batch), dtype=np.float32)))
     expected = (batch.shape[0], num_classes, *batch.shape[2:])
     if scores.shape != expected:
-        raise ValueError(f"predict_batch returned scores of shape {scores.shape}; expected {expected} "
-                         f"(batch, classes of the scheme, height, width)")
+        raise ValueError(
+            f"predict_batch returned scores of shape {scores.shape}; expected {expected} "
+            f"(batch, classes of the scheme, height, width)"
+        )
     probabilities = softmax(scores)
     if np.isnan(probabilities).any():
         raise ValueError("predict_batch returned NaN scores (or -inf for every class)")

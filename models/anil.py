@@ -2,6 +2,7 @@
 the body is meta-learned through it. The inner loop is as cheap as fitting a linear layer, and
 test-time fine-tuning likewise changes the last layer only, at the budget picked on validation.
 """
+
 from __future__ import annotations
 
 from models.backbones import last_layer_names

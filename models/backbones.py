@@ -14,6 +14,7 @@ carried through `functional_call`, checkpoints and fine-tuning budgets that diff
 meta-training step count. GroupNorm has no state and normalises each item on its own, so the
 inner loop, fine-tuning with any number of steps and prediction one window at a time agree.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,9 @@ IGNORE_INDEX = 255
 Task = Literal["classification", "segmentation"]
 ArchName = Literal["cnn", "encoder", "unet"]
 _TASK_OF: dict[str, str] = {
-    "cnn": "classification", "encoder": "classification", "unet": "segmentation",
+    "cnn": "classification",
+    "encoder": "classification",
+    "unet": "segmentation",
 }
 
 
@@ -85,10 +88,8 @@ class ArchConfig:
         return cls(**values)
 
 
-def arch_preset(
-    size: Literal["tiny", "base"], task: Task, in_channels: int, num_classes: int
-) -> ArchConfig:
-    """"tiny": tests and the 2-core CPU demo; "base": real runs on a GPU.
+def arch_preset(size: Literal["tiny", "base"], task: Task, in_channels: int, num_classes: int) -> ArchConfig:
+    """ "tiny": tests and the 2-core CPU demo; "base": real runs on a GPU.
 
     Classification: the 4-block, 64-filter conv net of the MAML papers ("base") or a 32-filter
     copy ("tiny"). Segmentation: a U-Net on ResNet-18 ("base"), or on timm's 0.1 M-parameter
@@ -100,8 +101,13 @@ def arch_preset(
     if size == "base":
         return ArchConfig(task, "unet", in_channels, num_classes)
     return ArchConfig(
-        task, "unet", in_channels, num_classes,
-        encoder="tu-test_resnet", encoder_depth=3, decoder_channels=(32, 16, 8),
+        task,
+        "unet",
+        in_channels,
+        num_classes,
+        encoder="tu-test_resnet",
+        encoder_depth=3,
+        decoder_channels=(32, 16, 8),
     )
 
 
@@ -124,6 +130,10 @@ class Standardized(nn.Module):
     """(x - mean) / std per band, then the network: reflectance differences between classes
     are a few hundredths, far below what a freshly initialised conv layer resolves well."""
 
+    mean: Tensor
+    std: Tensor
+    """Buffers (registered in `__init__`), shaped (bands, 1, 1)."""
+
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.net = net
@@ -136,13 +146,9 @@ class Standardized(nn.Module):
 
 def _build(config: ArchConfig) -> nn.Module:
     if config.name == "cnn":
-        return CompactCNN(
-            config.in_channels, config.num_classes, config.width, config.depth, config.norm_groups
-        )
+        return CompactCNN(config.in_channels, config.num_classes, config.width, config.depth, config.norm_groups)
     if config.name == "encoder":
-        return EncoderClassifier(
-            config.encoder, config.in_channels, config.num_classes, config.encoder_depth
-        )
+        return EncoderClassifier(config.encoder, config.in_channels, config.num_classes, config.encoder_depth)
     return smp.Unet(
         config.encoder,
         encoder_weights=None,
@@ -160,9 +166,7 @@ class CompactCNN(nn.Module):
     tile size works with any depth.
     """
 
-    def __init__(
-        self, in_channels: int, num_classes: int, width: int, depth: int, groups: int
-    ) -> None:
+    def __init__(self, in_channels: int, num_classes: int, width: int, depth: int, groups: int) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         for block in range(depth):
@@ -184,9 +188,7 @@ class EncoderClassifier(nn.Module):
 
     def __init__(self, encoder: str, in_channels: int, num_classes: int, depth: int) -> None:
         super().__init__()
-        self.encoder = smp.encoders.get_encoder(
-            encoder, in_channels=in_channels, depth=depth, weights=None
-        )
+        self.encoder = smp.encoders.get_encoder(encoder, in_channels=in_channels, depth=depth, weights=None)
         self.head = nn.Linear(self.encoder.out_channels[-1], num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -248,7 +250,5 @@ def episode_loss(logits: Tensor, labels: Tensor, classes: Tensor | None = None) 
     labelled pixel at all the loss is 0 with zero gradient, not NaN, so a sparse support tile
     cannot poison an update.
     """
-    total = F.cross_entropy(
-        episode_logits(logits, classes), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    total = F.cross_entropy(episode_logits(logits, classes), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -9,6 +9,7 @@ Every file is written to a temporary file in the same folder and renamed into pl
 leaves the previous complete file, never a torn one. All .pt files load with
 `torch.load(weights_only=True)`: they hold tensors, numbers, strings and containers only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,13 +74,15 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
         values = dict(values)
-        return cls(**{
-            **values,
-            "arch": ArchConfig.from_dict(values["arch"]),
-            "class_names": tuple(values["class_names"]),
-            "class_colors": tuple(tuple(color) for color in values["class_colors"]),
-            "bands": tuple(values["bands"]),
-        })
+        return cls(
+            **{
+                **values,
+                "arch": ArchConfig.from_dict(values["arch"]),
+                "class_names": tuple(values["class_names"]),
+                "class_colors": tuple(tuple(color) for color in values["class_colors"]),
+                "bands": tuple(values["bands"]),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -92,16 +95,15 @@ class LoadedRun:
 
 
 def save_run(
-    run_dir: Path, model: nn.Module, config: RunConfig,
+    run_dir: Path,
+    model: nn.Module,
+    config: RunConfig,
     inner_lrs: Mapping[str, Tensor | float] | None = None,
 ) -> None:
     """Write weights.pt, then config.json (so a config never describes weights not yet written)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    rates = {
-        name: torch.as_tensor(rate).detach().to("cpu", torch.float64)
-        for name, rate in (inner_lrs or {}).items()
-    }
+    rates = {name: torch.as_tensor(rate).detach().to("cpu", torch.float64) for name, rate in (inner_lrs or {}).items()}
     weights = {"model": _cpu(model.state_dict()), "inner_lrs": rates}
     _atomic_write(run_dir / WEIGHTS, lambda f: torch.save(weights, f))
     text = json.dumps(config.to_dict(), indent=2)
@@ -134,10 +136,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if str(error).startswith("Weights only load failed"):
             raise DataError(path, "not a landcover checkpoint (refused to unpickle)") from None
         raise DataError(path, f"cannot be read as a checkpoint, truncated or corrupt? ({error})") from None
-    except Exception as error:  # noqa: BLE001 - torch raises unrelated types for a garbled file
-        raise DataError(
-            path, f"cannot be read as a checkpoint, truncated or corrupt? ({_first_line(error)})"
-        ) from None
+    except Exception as error:  # torch raises unrelated types for a garbled file
+        raise DataError(path, f"cannot be read as a checkpoint, truncated or corrupt? ({_first_line(error)})") from None
     if not isinstance(loaded, dict):
         raise DataError(path, f"not a landcover checkpoint (holds a {type(loaded).__name__})")
     return loaded
@@ -153,10 +153,7 @@ def load_run(run_dir: Path, device: torch.device | str = "cpu") -> LoadedRun:
     try:
         model = build_model(config.arch)
         model.load_state_dict(weights["model"])
-        rates = {
-            name: float(rate) if rate.ndim == 0 else rate.float()
-            for name, rate in weights["inner_lrs"].items()
-        }
+        rates = {name: float(rate) if rate.ndim == 0 else rate.float() for name, rate in weights["inner_lrs"].items()}
     except (KeyError, RuntimeError, AttributeError, TypeError, ValueError) as error:
         raise DataError(path, f"does not hold the weights its {CONFIG} describes ({_first_line(error)})") from None
     return LoadedRun(model.to(device).eval(), config, rates)
@@ -167,9 +164,7 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
-def save_train_state(
-    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, iteration: int
-) -> None:
+def save_train_state(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, iteration: int) -> None:
     """Everything needed to continue training after `iteration` steps as if never stopped.
 
     `module` is what is trained: the learner (model + what it learns beside it).
@@ -205,7 +200,11 @@ def _cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _rng_state() -> dict[str, Any]:
     """RNG states as tensors and plain tuples (numpy's key array as a tensor: weights_only)."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    # legacy=True is the default; said explicitly because numpy's stubs type the bare call as the dict form.
+    state = np.random.get_state(legacy=True)
+    if not isinstance(state, tuple):  # legacy=True gives the tuple unless the global generator is not MT19937
+        raise TypeError(f"numpy's global RNG is not MT19937: {state['bit_generator']}")
+    kind, keys, position, has_gauss, cached = state
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -3,8 +3,10 @@
 CPU and CUDA run the same code path: autocast is entered everywhere and only enabled on CUDA,
 where bf16 halves activation memory (second-order MAML keeps every inner step's graph).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> CUDA when present, else CPU; an explicit CUDA request without a GPU is an error."""
+    """ "auto" -> CUDA when present, else CPU; an explicit CUDA request without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -42,6 +44,6 @@ def as_images(model: torch.nn.Module, images: np.ndarray | torch.Tensor) -> torc
     return torch.as_tensor(images).to(device=parameter.device, dtype=parameter.dtype)
 
 
-def as_labels(labels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+def as_labels(labels: np.ndarray | torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
     """Labels or class ids as int64 on `device`, as cross-entropy and index_select want."""
     return torch.as_tensor(labels).to(device=device, dtype=torch.long)

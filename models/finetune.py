@@ -9,10 +9,11 @@ pretrain and random-init models get the same optimiser with a scalar rate, and e
 baselines, but its per-coordinate normalisation would make "steps and rate" mean something
 different for each method.
 """
+
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ def finetune(
     model: nn.Module,
     support_x: np.ndarray | Tensor,
     support_y: np.ndarray | Tensor,
-    classes: np.ndarray | Tensor,
+    classes: np.ndarray | Tensor | Sequence[int],
     *,
     steps: int,
     lr: Schedule,
@@ -58,8 +59,14 @@ def finetune(
         for step in range(steps):
             with autocast(device):
                 params = inner_step(
-                    tuned, params, images, labels, class_ids, rates_at(lr, names, first_step + step),
-                    create_graph=False, only=only,
+                    tuned,
+                    params,
+                    images,
+                    labels,
+                    class_ids,
+                    rates_at(lr, names, first_step + step),
+                    create_graph=False,
+                    only=only,
                 )
             params = {name: p.detach().requires_grad_() for name, p in params.items()}
     with torch.no_grad():
@@ -72,7 +79,7 @@ def finetune(
 def predict(
     model: nn.Module,
     images: np.ndarray | Tensor,
-    classes: np.ndarray | Tensor | None = None,
+    classes: np.ndarray | Tensor | Sequence[int] | None = None,
     *,
     batch_size: int = 64,
 ) -> np.ndarray:
@@ -87,6 +94,6 @@ def predict(
     scores = []
     for start in range(0, len(images), batch_size):
         with autocast(device):
-            logits = model(as_images(model, images[start:start + batch_size]))
+            logits = model(as_images(model, images[start : start + batch_size]))
         scores.append(episode_logits(logits, class_ids).float().softmax(dim=1).cpu().numpy())
     return np.concatenate(scores)

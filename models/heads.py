@@ -20,6 +20,7 @@ deviation.
 meta-trained *through* the head (R2-D2, Bertinetto et al. 2019; `models.r2d2`), and the head
 fitted on a few pixels then generalises.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,8 +60,7 @@ def features(model: nn.Module, images: Tensor) -> Tensor:
     bands = standardised_bands(model, images).float()
     if embedding.ndim == 4:
         means = [
-            F.avg_pool2d(bands, size, stride=1, padding=size // 2, count_include_pad=False)
-            for size in CONTEXT_SIZES
+            F.avg_pool2d(bands, size, stride=1, padding=size // 2, count_include_pad=False) for size in CONTEXT_SIZES
         ]
         return torch.cat([embedding, bands, *means], dim=1)
     return torch.cat([embedding, bands.mean(dim=(2, 3)), bands.std(dim=(2, 3))], dim=1)
@@ -74,7 +74,7 @@ def features_numpy(model: nn.Module, images: np.ndarray, *, batch_size: int = 8)
     parts = []
     for start in range(0, len(images), batch_size):
         with autocast(device):
-            parts.append(features(model, as_images(model, images[start:start + batch_size])).cpu().numpy())
+            parts.append(features(model, as_images(model, images[start : start + batch_size])).cpu().numpy())
     return np.concatenate(parts).astype(np.float32)
 
 

@@ -11,6 +11,7 @@ A learner wraps the network it trains and gives
   `run_fields()` (learned or fixed settings that adaptation needs, in config.json). `module` and
   `optimizer` are what a resumable checkpoint holds.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -112,7 +113,9 @@ class Learner(nn.Module):
         return {}
 
     @classmethod
-    def test_rates(cls, saved: Mapping[str, Tensor | float]) -> Mapping[str, Tensor | float] | Sequence[Mapping[str, Tensor | float]] | None:
+    def test_rates(
+        cls, saved: Mapping[str, Tensor | float]
+    ) -> Mapping[str, Tensor | float] | Sequence[Mapping[str, Tensor | float]] | None:
         """The rates test-time fine-tuning uses from saved `inner_rates()` (None: a picked scalar)."""
         return dict(saved) or None
 

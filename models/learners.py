@@ -1,5 +1,6 @@
 """Every training method `landcover train --method` offers: adding one is a module under
 `models/` and one line here."""
+
 from __future__ import annotations
 
 from models.anil import Anil

@@ -13,6 +13,7 @@ meta-batch, gradient-norm clipped.
 `MetaLearner` is the shared machinery of every learner with a differentiable inner loop (MAML,
 FOMAML, Meta-SGD, MAML++, ANIL, gradient agreement); each is a subclass in its own module.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,15 +53,20 @@ def adapted_names(params: Mapping[str, Tensor], only: Collection[str] | None) ->
 
 
 def inner_step(
-    model: nn.Module, params: Params, x: Tensor, y: Tensor, classes: Tensor,
-    lrs: Rates, *, create_graph: bool, only: Collection[str] | None = None,
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    classes: Tensor,
+    lrs: Rates,
+    *,
+    create_graph: bool,
+    only: Collection[str] | None = None,
 ) -> Params:
     """One SGD step on the support loss; the update rule shared by MAML and `finetune`."""
     loss = episode_loss(functional_call(model, params, (x,)), y, classes)
     names = adapted_names(params, only)
-    grads = torch.autograd.grad(
-        loss, [params[name] for name in names], create_graph=create_graph, allow_unused=True
-    )
+    grads = torch.autograd.grad(loss, [params[name] for name in names], create_graph=create_graph, allow_unused=True)
     updated = dict(params)
     for name, grad in zip(names, grads):
         if grad is not None:
@@ -70,8 +76,16 @@ def inner_step(
 
 
 def trajectory(
-    model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, classes: Tensor,
-    *, steps: int, lr: Schedule, first_order: bool = False, only: Collection[str] | None = None,
+    model: nn.Module,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    classes: Tensor,
+    *,
+    steps: int,
+    lr: Schedule,
+    first_order: bool = False,
+    only: Collection[str] | None = None,
 ) -> list[Params]:
     """The parameters after each of `steps` inner SGD steps; differentiable w.r.t. `params` and
     the rates (through the inner gradients too unless `first_order`)."""
@@ -79,47 +93,83 @@ def trajectory(
     after = []
     for step in range(steps):
         params = inner_step(
-            model, params, support_x, support_y, classes, rates_at(lr, names, step),
-            create_graph=not first_order, only=only,
+            model,
+            params,
+            support_x,
+            support_y,
+            classes,
+            rates_at(lr, names, step),
+            create_graph=not first_order,
+            only=only,
         )
         after.append(params)
     return after
 
 
 def adapt(
-    model: nn.Module, params: Params, support_x: Tensor, support_y: Tensor, classes: Tensor,
-    *, steps: int, lr: Schedule, first_order: bool = False, only: Collection[str] | None = None,
+    model: nn.Module,
+    params: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    classes: Tensor,
+    *,
+    steps: int,
+    lr: Schedule,
+    first_order: bool = False,
+    only: Collection[str] | None = None,
 ) -> Params:
     """Parameters after `steps` inner SGD steps; differentiable w.r.t. `params` and the rates."""
     path = trajectory(
-        model, params, support_x, support_y, classes,
-        steps=steps, lr=lr, first_order=first_order, only=only,
+        model,
+        params,
+        support_x,
+        support_y,
+        classes,
+        steps=steps,
+        lr=lr,
+        first_order=first_order,
+        only=only,
     )
     return path[-1] if path else params
 
 
 def query_loss(
-    model: nn.Module, params: Params, task: TaskTensors,
-    *, steps: int, lr: Schedule, first_order: bool = False, only: Collection[str] | None = None,
+    model: nn.Module,
+    params: Params,
+    task: TaskTensors,
+    *,
+    steps: int,
+    lr: Schedule,
+    first_order: bool = False,
+    only: Collection[str] | None = None,
 ) -> Tensor:
     """The loss on a task's query set after adapting `params` on its support set."""
     adapted = adapt(
-        model, params, task.support_x, task.support_y, task.classes,
-        steps=steps, lr=lr, first_order=first_order, only=only,
+        model,
+        params,
+        task.support_x,
+        task.support_y,
+        task.classes,
+        steps=steps,
+        lr=lr,
+        first_order=first_order,
+        only=only,
     )
     logits = functional_call(model, adapted, (task.query_x,))
     return episode_loss(logits, task.query_y, task.classes)
 
 
 def meta_loss(
-    model: nn.Module, params: Params, tasks: Sequence[TaskTensors],
-    *, steps: int, lr: Schedule, first_order: bool = False,
+    model: nn.Module,
+    params: Params,
+    tasks: Sequence[TaskTensors],
+    *,
+    steps: int,
+    lr: Schedule,
+    first_order: bool = False,
 ) -> Tensor:
     """The MAML objective: mean query loss over a meta-batch (also a meta-validation score)."""
-    losses = [
-        query_loss(model, params, task, steps=steps, lr=lr, first_order=first_order)
-        for task in tasks
-    ]
+    losses = [query_loss(model, params, task, steps=steps, lr=lr, first_order=first_order) for task in tasks]
     return torch.stack(losses).mean()
 
 
@@ -139,13 +189,15 @@ class MetaLearner(Learner):
         super().__init__(model, settings)
         named = dict(model.named_parameters())
         self.names = self.inner_names()
-        self.log_lrs = nn.ParameterList([
-            nn.Parameter(
-                torch.full(self._rate_size(named[name]), math.log(settings.inner_lr), device=model_device(model)),
-                requires_grad=settings.learn_inner_lr,
-            )
-            for name in self.names
-        ])
+        self.log_lrs = nn.ParameterList(
+            [
+                nn.Parameter(
+                    torch.full(self._rate_size(named[name]), math.log(settings.inner_lr), device=model_device(model)),
+                    requires_grad=settings.learn_inner_lr,
+                )
+                for name in self.names
+            ]
+        )
         weights = [p for p in model.parameters() if p.requires_grad]
         groups: list[dict] = [{"params": weights, "lr": settings.outer_lr}]
         if settings.learn_inner_lr:
@@ -184,20 +236,27 @@ class MetaLearner(Learner):
 
     def run_fields(self) -> dict:
         return {
-            "inner_steps": self.settings.inner_steps, "inner_lr": self.settings.inner_lr,
-            "learn_inner_lr": self.settings.learn_inner_lr, "first_order": self.first_order,
+            "inner_steps": self.settings.inner_steps,
+            "inner_lr": self.settings.inner_lr,
+            "learn_inner_lr": self.settings.learn_inner_lr,
+            "first_order": self.first_order,
         }
 
     def task_loss(self, params: Params, task: TaskTensors, iteration: int) -> Tensor:
         """The outer objective of one task: its query loss after the inner loop."""
         return query_loss(
-            self.model, params, task, steps=self.settings.inner_steps, lr=self.schedule(),
-            first_order=self.first_order, only=self.only,
+            self.model,
+            params,
+            task,
+            steps=self.settings.inner_steps,
+            lr=self.schedule(),
+            first_order=self.first_order,
+            only=self.only,
         )
 
     def step(self, batch: Sequence[EpisodeLike], iteration: int) -> float:
         """One outer Adam step on a meta-batch; returns its mean query loss."""
-        params = dict(self.model.named_parameters())
+        params: Params = dict(self.model.named_parameters())
         return self.accumulate(batch, lambda task: self.task_loss(params, task, iteration))
 
 

@@ -9,6 +9,7 @@ and the outer step follows `sum_i w_i g_i`. When every task agrees the weights a
 MAML's mean; a task that pulls against the batch pulls less, or is pushed away from. No library
 implements it, so the weighting is here and tested against hand-made gradients.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from models.device import autocast, model_device
 from models.learner import EpisodeLike, task_tensors
-from models.maml import MetaLearner
+from models.maml import MetaLearner, Params
 
 
 def agreement_weights(gradients: Tensor) -> Tensor:
@@ -37,16 +38,16 @@ class MamlGa(MetaLearner):
         """One outer Adam step along the agreement-weighted sum of the tasks' gradients."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        params = dict(self.model.named_parameters())
+        params: Params = dict(self.model.named_parameters())
         trained = [p for p in self.parameters() if p.requires_grad]
         device, rows, total = model_device(self.model), [], 0.0
         for episode in batch:
             with autocast(device):
                 loss = self.task_loss(params, task_tensors(self.model, episode), iteration)
             grads = torch.autograd.grad(loss, trained, allow_unused=True)
-            rows.append(torch.cat([
-                (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, trained)
-            ]))
+            rows.append(
+                torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, trained)])
+            )
             total += loss.item() / len(batch)
         stacked = torch.stack(rows)
         combined = agreement_weights(stacked) @ stacked

@@ -12,6 +12,7 @@ Per-step batch-norm statistics do not apply: the backbones use GroupNorm, which 
 At test time the network is fine-tuned with the learned per-step rates (steps beyond the
 meta-trained count use the last step's), or a picked scalar rate, whichever validates better.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,17 +55,25 @@ class MamlPlusPlus(MetaLearner):
 
     def task_loss(self, params: Params, task: TaskTensors, iteration: int) -> Tensor:
         path = trajectory(
-            self.model, params, task.support_x, task.support_y, task.classes,
-            steps=self.settings.inner_steps, lr=self.schedule(),
-            first_order=not self.second_order(iteration), only=self.only,
+            self.model,
+            params,
+            task.support_x,
+            task.support_y,
+            task.classes,
+            steps=self.settings.inner_steps,
+            lr=self.schedule(),
+            first_order=not self.second_order(iteration),
+            only=self.only,
         )
         if not path:
             return episode_loss(functional_call(self.model, params, (task.query_x,)), task.query_y, task.classes)
         weights = step_weights(len(path), self.progress(iteration)).to(task.query_x.device)
-        losses = torch.stack([
-            episode_loss(functional_call(self.model, adapted, (task.query_x,)), task.query_y, task.classes)
-            for adapted in path
-        ])
+        losses = torch.stack(
+            [
+                episode_loss(functional_call(self.model, adapted, (task.query_x,)), task.query_y, task.classes)
+                for adapted in path
+            ]
+        )
         return (weights * losses).sum()
 
     def step(self, batch, iteration: int) -> float:

@@ -4,6 +4,7 @@ per tensor, so the inner loop learns a direction as well as a step size.
 At test time the network is fine-tuned with those per-element rates (or a picked scalar rate,
 whichever validates better), for the budget picked on validation regions.
 """
+
 from __future__ import annotations
 
 from models.maml import MetaLearner

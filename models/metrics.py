@@ -4,6 +4,7 @@ All scores come from one confusion matrix over labelled items (IGNORE_INDEX drop
 agree with each other. Macro-F1 and mIoU average over the classes present in the truth or the
 prediction: a segmentation query tile that lacks a class is not scored 0 for it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,9 +55,7 @@ def mean_iou(matrix: np.ndarray) -> float:
     return float(np.mean(hits[present] / union[present])) if present.any() else 0.0
 
 
-def episode_scores(
-    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, *, segmentation: bool
-) -> dict[str, float]:
+def episode_scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, *, segmentation: bool) -> dict[str, float]:
     """The report's scores of one episode: accuracy, kappa, macro_f1 (+ miou for segmentation)."""
     matrix = confusion_matrix(y_true, y_pred, num_classes)
     scores = {

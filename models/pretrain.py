@@ -3,6 +3,7 @@ regions, on global class ids, with the same head and loss as every other method.
 
 Random init is `build_model(config, seed)` with no training at all.
 """
+
 from __future__ import annotations
 
 import numpy as np

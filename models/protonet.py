@@ -9,6 +9,7 @@ classification), so a prototype never knows less than the bands.
 Since -|x - c|^2 = 2 x.c - |c|^2 - |x|^2 and the last term is the same for every class, the
 prototypes are a linear head: weights 2c, bias -|c|^2 (`prototype_head`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

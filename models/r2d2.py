@@ -7,6 +7,7 @@ few pixels generalise; at test time the same fit is the whole adaptation: one so
 budget. The ridge penalty and a logit scale (ridge outputs live near 0..1, cross-entropy wants a
 wider range) are meta-learned beside the weights, in log space so they stay positive.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,12 @@ class RidgeLearner(Learner):
     adaptation = "ridge"
 
     def __init__(
-        self, model: nn.Module, settings: LearnerSettings = LearnerSettings(),
-        *, penalty: float = INITIAL_PENALTY, scale: float = INITIAL_SCALE,
+        self,
+        model: nn.Module,
+        settings: LearnerSettings = LearnerSettings(),
+        *,
+        penalty: float = INITIAL_PENALTY,
+        scale: float = INITIAL_SCALE,
     ) -> None:
         super().__init__(model, settings)
         device = model_device(model)

@@ -8,6 +8,7 @@ with `eps` annealed linearly from `reptile_step` to 0 over the run. The move is 
 rate eps on the "gradient" theta - mean phi, so the optimiser and its checkpoint are SGD's.
 At test time the network is fine-tuned like any other, at the budget picked on validation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -45,7 +46,9 @@ class Reptile(Learner):
             loss = loss + episode_loss(functional_call(self.model, params, (task.query_x,)), task.query_y, task.classes)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             params = {
-                name: (value if grad is None else value - self.settings.reptile_inner_lr * grad).detach().requires_grad_()
+                name: (value if grad is None else value - self.settings.reptile_inner_lr * grad)
+                .detach()
+                .requires_grad_()
                 for (name, value), grad in zip(params.items(), grads)
             }
             first = loss.item() if step == 0 else first

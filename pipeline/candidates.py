@@ -15,6 +15,7 @@ them alike.
 A candidate fits on a `Support` and gives a `Predictor`: images -> probabilities over the support's
 classes, (B, N, H, W) for windows or (B, N) for tiles.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -59,10 +60,15 @@ class Support:
 
 
 class Candidate(Protocol):
-    name: str
-    fits_on_context: bool
-    """True: fit on windows of the prediction size (features depend on a window's context); False:
-    on small windows cut around the labels, as fine-tuning was meta-trained."""
+    # Read-only properties, so that frozen dataclasses match.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fits_on_context(self) -> bool:
+        """True: fit on windows of the prediction size (features depend on a window's context); False:
+        on small windows cut around the labels, as fine-tuning was meta-trained."""
+        ...
 
     def fit(self, support: Support) -> Predictor: ...
 
@@ -98,8 +104,14 @@ class FinetuneCandidate:
 
     def fit(self, support: Support) -> Tuned:
         tuned = finetune(
-            self.model, support.images, support.labels, support.classes,
-            steps=self.steps, lr=self.lr, seed=self.seed, only=self.only,
+            self.model,
+            support.images,
+            support.labels,
+            support.classes,
+            steps=self.steps,
+            lr=self.lr,
+            seed=self.seed,
+            only=self.only,
         )
         return Tuned(tuned, support.classes)
 
@@ -157,8 +169,9 @@ class LinearScores:
         return {name: torch.from_numpy(np.asarray(getattr(self, name))) for name in names}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor], count: int,
-                   featurize: Callable[[np.ndarray], np.ndarray]) -> LinearScores:
+    def from_state(
+        cls, state: Mapping[str, torch.Tensor], count: int, featurize: Callable[[np.ndarray], np.ndarray]
+    ) -> LinearScores:
         arrays = {name: value.numpy() for name, value in state.items()}
         return cls(**arrays, count=count, featurize=featurize)
 
@@ -187,9 +200,13 @@ class HeadCandidate:
         rows, labels = labelled_rows(torch.from_numpy(values), torch.from_numpy(support.labels).long())
         head = ridge_fit(rows, labels, len(support.classes), self.ridge_penalty)
         return LinearScores(
-            mean=head.mean.squeeze(0).numpy(), scale=head.scale.squeeze(0).numpy(),
-            weights=head.weights.numpy() * self.ridge_scale, bias=head.bias.numpy() * self.ridge_scale,
-            columns=np.arange(len(support.classes)), count=len(support.classes), featurize=self.featurize,
+            mean=head.mean.squeeze(0).numpy(),
+            scale=head.scale.squeeze(0).numpy(),
+            weights=head.weights.numpy() * self.ridge_scale,
+            bias=head.bias.numpy() * self.ridge_scale,
+            columns=np.arange(len(support.classes)),
+            count=len(support.classes),
+            featurize=self.featurize,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -219,8 +236,13 @@ class PrototypeCandidate:
         weights, bias = prototype_head(means[present])
         width = values.shape[1]
         return LinearScores(
-            mean=np.zeros(width), scale=np.ones(width), weights=weights.numpy(), bias=bias.numpy(),
-            columns=np.flatnonzero(present.numpy()), count=len(support.classes), featurize=self.featurize,
+            mean=np.zeros(width),
+            scale=np.ones(width),
+            weights=weights.numpy(),
+            bias=bias.numpy(),
+            columns=np.flatnonzero(present.numpy()),
+            count=len(support.classes),
+            featurize=self.featurize,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -239,7 +261,9 @@ class PixelCandidate:
             return uniform(support)
         per_tile = support.labels.ndim == 1
         return fit_logistic(
-            band_values(support.images, per_tile), support.labels, len(support.classes),
+            band_values(support.images, per_tile),
+            support.labels,
+            len(support.classes),
             lambda images: band_values(images, per_tile),
         )
 
@@ -290,13 +314,26 @@ def run_candidates(run: LoadedRun, name: str, *, source: str = "", seed: int = 0
         if lr is None:
             raise ValueError("the run has neither a fine-tuning rate nor learned inner rates")
         only = last_layer_names(run.model) if learner.adaptation == "finetune-head" else None
-        candidates.append(FinetuneCandidate(
-            f"{name} fine-tuned", run.model, config.finetune_steps, lr, seed, source, only,
-        ))
+        candidates.append(
+            FinetuneCandidate(
+                f"{name} fine-tuned",
+                run.model,
+                config.finetune_steps,
+                lr,
+                seed,
+                source,
+                only,
+            )
+        )
     if learner.adaptation == "prototypes":
         candidates.append(PrototypeCandidate(f"{name} prototypes", run.model, source=source))
-    candidates.append(HeadCandidate(
-        f"{name} head", run.model, ridge_penalty=config.head_penalty, ridge_scale=config.head_scale or 1.0,
-        source=source,
-    ))
+    candidates.append(
+        HeadCandidate(
+            f"{name} head",
+            run.model,
+            ridge_penalty=config.head_penalty,
+            ridge_scale=config.head_scale or 1.0,
+            source=source,
+        )
+    )
     return candidates

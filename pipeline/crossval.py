@@ -13,6 +13,7 @@ labels all lie within `spacing` of each other cannot be held out, and the report
 Every candidate is fitted and scored on the same folds; its estimate is the accuracy over all
 held-out labels with a 95% Wilson interval, its per-class recall and its confusion matrix.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -61,8 +62,7 @@ class LabelledScene:
         return np.moveaxis(scores, 1, -1)[self.context_at[:, 0], self.context_at[:, 1], self.context_at[:, 2]]
 
 
-def spatial_folds(rows: np.ndarray, cols: np.ndarray, targets: np.ndarray, *, spacing: float,
-                  folds: int) -> np.ndarray:
+def spatial_folds(rows: np.ndarray, cols: np.ndarray, targets: np.ndarray, *, spacing: float, folds: int) -> np.ndarray:
     """Fold id of each label: blocks of `spacing` pixels dealt, largest first, to the fold where
     they least pile up one class."""
     count = len(rows)
@@ -81,7 +81,7 @@ def spatial_folds(rows: np.ndarray, cols: np.ndarray, targets: np.ndarray, *, sp
         cost = ((per_fold + counts) ** 2).sum(axis=1) + 1e-3 * per_fold.sum(axis=1)
         fold_of_group[group] = int(np.argmin(cost))
         per_fold[fold_of_group[group]] += counts
-    return np.array([fold_of_group[g] for g in groups], dtype=np.int64)
+    return np.array([fold_of_group[g] for g in groups.tolist()], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,10 @@ def wilson_interval(hits: int, total: int, confidence: float = 0.95) -> tuple[fl
 
 
 def cross_validate(
-    candidates: Sequence[Candidate], scene: LabelledScene, *, spacing: float = DEFAULT_SPACING,
+    candidates: Sequence[Candidate],
+    scene: LabelledScene,
+    *,
+    spacing: float = DEFAULT_SPACING,
     folds: int = DEFAULT_FOLDS,
 ) -> CrossValidation:
     """Fit every candidate on each fold's complement, predict the fold's labels, score them all."""
@@ -150,7 +153,8 @@ def cross_validate(
         scored |= held & np.isin(scene.targets, np.unique(scene.targets[training]))
     unscored = {
         int(scene.classes[label]): f"its labels lie within {spacing:g} px of each other: none can be held out"
-        for label in range(count) if not scored[scene.targets == label].any()
+        for label in range(count)
+        if not scored[scene.targets == label].any()
     }
     estimates = []
     for candidate in candidates:
@@ -175,11 +179,17 @@ def _estimate(candidate: Candidate, scene: LabelledScene, probabilities: np.ndar
     truth_probability = probabilities[scored, truth] if total else np.zeros(0)
     recall = {
         int(scene.classes[label]): float(confusion[label, label] / confusion[label].sum())
-        for label in range(count) if confusion[label].sum()
+        for label in range(count)
+        if confusion[label].sum()
     }
     return Estimate(
-        name=candidate.name, description=candidate.describe(),
-        accuracy=hits / total if total else float("nan"), low=low, high=high, scored=total,
+        name=candidate.name,
+        description=candidate.describe(),
+        accuracy=hits / total if total else float("nan"),
+        low=low,
+        high=high,
+        scored=total,
         log_likelihood=float(np.log(np.clip(truth_probability, 1e-6, None)).mean()) if total else float("-inf"),
-        recall=recall, confusion=confusion.tolist(),
+        recall=recall,
+        confusion=confusion.tolist(),
     )

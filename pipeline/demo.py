@@ -10,6 +10,7 @@ per-pixel classifier) on the same held-out scene episodes, with each method's co
 the new scene from its few labelled points: every candidate is cross-validated on those labels,
 the best maps the scene, and the report says how good it is.
 """
+
 from __future__ import annotations
 
 import sys
@@ -50,9 +51,7 @@ def episode_supply(index_path: Path, shape: EpisodeShape) -> None:
         rows = data.split(split)
         regions = sorted(rows["region"].unique())
         segmentation = capable_regions(data.sampler(split, "segmentation", shape), regions)
-        classification = ClassificationSampler(
-            rows, data.tiles, n_way=shape.n_way, k_shot=1, q_queries=5
-        )
+        classification = ClassificationSampler(rows, data.tiles, n_way=shape.n_way, k_shot=1, q_queries=5)
         disjoint = sum(classification.disjoint_episodes(region) for region in regions)
         say(
             f"  {split:5s}: {len(regions)} regions, {len(rows)} tiles; segmentation episodes "
@@ -79,17 +78,21 @@ def main(out: Path) -> None:
     episode_supply(index, shape)
 
     say("4/6 train")
-    runs = {}
+    runs: dict[str, Path] = {}
     for method, iterations in DEMO_ITERATIONS.items():
         init_from = str(runs["pretrain"]) if method != "pretrain" else None
         config = TrainConfig(
-            method=method, task="segmentation", iterations=iterations, seed=DEMO_SEED,  # type: ignore[arg-type]
+            method=method,
+            task="segmentation",
+            iterations=iterations,
+            seed=DEMO_SEED,
             init_from=init_from,
         )
         result = train(index, out / "runs" / method, config)
         runs[method] = result.run_dir
         adapts = (
-            f"by {result.finetune_steps} fine-tuning steps" if result.adaptation.startswith("finetune")
+            f"by {result.finetune_steps} fine-tuning steps"
+            if result.adaptation.startswith("finetune")
             else f"by its {result.adaptation}"
         )
         say(
@@ -98,31 +101,40 @@ def main(out: Path) -> None:
         )
 
     say("5/6 evaluate (same test scene episodes for every candidate; costs: training s/iteration, s to adapt)")
-    report = evaluate(
-        index, list(runs.values()), out / "report", EvaluateConfig(episodes=20, seed=DEMO_SEED)
-    )
+    report = evaluate(index, list(runs.values()), out / "report", EvaluateConfig(episodes=20, seed=DEMO_SEED))
     say(report.files.table)
-    for row in margins(report.results).itertuples():
-        if row.shots > 0:
-            say(f"  {row.shots} shot(s): best learner {row.best} {row.accuracy:.3f}, per-pixel classifier {row.classical:.3f} ({row.margin:+.3f})")
+    summary_rows = margins(report.results)
+    for row in summary_rows[summary_rows["shots"] > 0].itertuples():
+        say(
+            f"  {row.shots} shot(s): best learner {row.best} {row.accuracy:.3f}, "
+            f"per-pixel classifier {row.classical:.3f} ({row.margin:+.3f})"
+        )
     say(f"  plot: {report.files.plot}")
 
     say("6/6 adapt to the new scene from its labelled points (every candidate cross-validated on them)")
     maps = out / "maps"
-    result = adapt(
-        runs[ADAPTS_WITH], scene.image, scene.labels, maps / "map.tif",
-        compare=[runs[name] for name in COMPARED_WITH], vector=maps / "map.gpkg",
+    adapted = adapt(
+        runs[ADAPTS_WITH],
+        scene.image,
+        scene.labels,
+        maps / "map.tif",
+        compare=[runs[name] for name in COMPARED_WITH],
+        vector=maps / "map.gpkg",
         probabilities=maps / "map-probabilities.tif",
     )
-    assert result.report is not None
-    for candidate in result.report.content["candidates"]:
+    assert adapted.report is not None
+    for candidate in adapted.report.content["candidates"]:
         estimate = candidate["estimate"]
-        figure = "no estimate" if estimate is None else f"{estimate['accuracy']:.3f} (95% {estimate['ci95'][0]:.3f}-{estimate['ci95'][1]:.3f})"
-        say(f"  {'*' if candidate['name'] == result.chosen else ' '} {candidate['name']}: cross-validated {figure}")
-    accuracy = map_accuracy(result.scene_map.classes, scene.truth)
+        figure = (
+            "no estimate"
+            if estimate is None
+            else f"{estimate['accuracy']:.3f} (95% {estimate['ci95'][0]:.3f}-{estimate['ci95'][1]:.3f})"
+        )
+        say(f"  {'*' if candidate['name'] == adapted.chosen else ' '} {candidate['name']}: cross-validated {figure}")
+    accuracy = map_accuracy(adapted.scene_map.classes, scene.truth)
     say(
-        f"  map made by {result.chosen} from {result.labelled_pixels} labelled pixels: accuracy against "
-        f"the truth raster {accuracy:.3f}; report {result.report.markdown}"
+        f"  map made by {adapted.chosen} from {adapted.labelled_pixels} labelled pixels: accuracy against "
+        f"the truth raster {accuracy:.3f}; report {adapted.report.markdown}"
     )
     say(f"open {maps / 'map.tif'} in QGIS: its style {maps / 'map.qml'} names and colours the classes")
     say(f"done in {time.perf_counter() - started:.0f} s")

@@ -2,6 +2,7 @@
 is estimated to be on the user's own labels, which one made the map, and why an estimate is
 missing when it is. The JSON is for scripts and the flows; the Markdown for a person.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,15 +60,16 @@ def _content(given: MapReportInput) -> dict:
     names = [given.class_names[c] for c in given.classes]
     validation = given.validation
     counts = np.bincount(given.targets, minlength=len(names))
-    notes = [
-        f"{given.class_names[class_id]}: {reason}" for class_id, reason in sorted(validation.unscored.items())
-    ]
+    notes = [f"{given.class_names[class_id]}: {reason}" for class_id, reason in sorted(validation.unscored.items())]
     folds = int(validation.folds.max()) + 1 if len(validation.folds) else 0
     if not any(estimate.scored for estimate in validation.estimates):
-        notes.insert(0, (
-            f"no estimate: none of the {len(given.targets)} labels can be held out with labels of its "
-            f"class more than {validation.spacing:g} px away left to train on; label more places"
-        ))
+        notes.insert(
+            0,
+            (
+                f"no estimate: none of the {len(given.targets)} labels can be held out with labels of its "
+                f"class more than {validation.spacing:g} px away left to train on; label more places"
+            ),
+        )
     estimates = {e.name: _estimate(e, names, given.class_names) for e in validation.estimates}
     return {
         "scene": str(given.scene),
@@ -130,12 +132,19 @@ def _markdown(content: dict) -> str:
     lines += ["", f"The map was made by **{content['chosen']}** (pick: {content['pick']})."]
     chosen = content["chosen_estimate"]
     if chosen is not None:
-        lines += ["", "Per-class recall of the chosen candidate: " + ", ".join(
-            f"{name} {value:.2f}" for name, value in chosen["recall"].items()
-        )]
+        lines += [
+            "",
+            "Per-class recall of the chosen candidate: "
+            + ", ".join(f"{name} {value:.2f}" for name, value in chosen["recall"].items()),
+        ]
         classes = chosen["confusion"]["classes"]
-        lines += ["", "Confusion (rows: true, columns: predicted):", "", "| | " + " | ".join(classes) + " |",
-                  "|---" * (len(classes) + 1) + "|"]
+        lines += [
+            "",
+            "Confusion (rows: true, columns: predicted):",
+            "",
+            "| | " + " | ".join(classes) + " |",
+            "|---" * (len(classes) + 1) + "|",
+        ]
         for name, row in zip(classes, chosen["confusion"]["rows_true_columns_predicted"]):
             lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     if content["notes"]:

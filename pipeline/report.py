@@ -1,4 +1,5 @@
 """The evaluation report: results.csv, a Markdown table like the paper's, and an accuracy plot."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,11 @@ def summary_table(results: pd.DataFrame, metric: str = "accuracy") -> str:
     accuracy table ends with the cost columns."""
     shots = sorted(results["shots"].unique())
     costs = [column for column in COSTS if column in results.columns] if metric == "accuracy" else []
-    header = "| method | " + " | ".join([f"{s} shot" if s == 0 else str(s) for s in shots] + [COSTS[c] for c in costs]) + " |"
+    header = (
+        "| method | "
+        + " | ".join([f"{s} shot" if s == 0 else str(s) for s in shots] + [COSTS[c] for c in costs])
+        + " |"
+    )
     lines = [header, "|---|" + "---|" * (len(shots) + len(costs))]
     for method, rows in results.groupby("method", sort=False):
         by_shots = rows.set_index("shots")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 import torch
 from threadpoolctl import threadpool_limits
-
 
 from geo.sample_data import SceneFiles, write_deepglobe, write_eurosat, write_scene, write_sen12ms
 from pipeline.ingest import ingest
@@ -27,13 +27,37 @@ os.environ["OMP_NUM_THREADS"] = str(SUITE_THREADS)
 torch.set_num_threads(SUITE_THREADS)
 threadpool_limits(SUITE_THREADS)
 
-SEN12MS = {"seed": 0, "regions": 4, "size": 32, "patches_per_region": 64}
+
+class Sample(TypedDict):
+    """Keyword arguments of a `geo.sample_data` writer."""
+
+    seed: int
+    size: int
+
+
+class RegionsSample(Sample):
+    regions: int
+
+
+class Sen12msSample(RegionsSample):
+    patches_per_region: int
+
+
+class DeepglobeSample(RegionsSample):
+    images_per_region: int
+
+
+class EurosatSample(RegionsSample):
+    patches_per_class: int
+
+
+SEN12MS = Sen12msSample(seed=0, regions=4, size=32, patches_per_region=64)
 """4 scene ids x 2 seasons = 8 (season, scene) regions of 64 patches of 32 px."""
-DEEPGLOBE = {"seed": 0, "regions": 3, "size": 128, "images_per_region": 4}
+DEEPGLOBE = DeepglobeSample(seed=0, regions=3, size=128, images_per_region=4)
 """12 images of 128 px: 192 tiles of 32 px on the default 4 x 4 grid."""
-EUROSAT = {"seed": 0, "regions": 3, "size": 64, "patches_per_class": 4}
+EUROSAT = EurosatSample(seed=0, regions=3, size=64, patches_per_class=4)
 """40 patches, 4 per EuroSAT class, spread over 3 UTM zones."""
-SCENE = {"seed": 0, "size": 128}
+SCENE = Sample(seed=0, size=128)
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +93,7 @@ def eurosat_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def eurosat_index(eurosat_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ingest(
-        "folder", eurosat_root, tmp_path_factory.mktemp("index") / "eurosat.parquet", progress=False
-    ).out
+    return ingest("folder", eurosat_root, tmp_path_factory.mktemp("index") / "eurosat.parquet", progress=False).out
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +111,16 @@ def split_index(sen12ms_index: Path, tmp_path_factory: pytest.TempPathFactory) -
     return build_regions(sen12ms_index, out, by="metadata", seed=0).index_path
 
 
-TINY_TRAINING = {"iterations": 30, "validate_every": 10, "validation_episodes": 2, "checkpoint_every": 10}
+class Training(TypedDict):
+    """Keyword arguments of a `pipeline.train.TrainConfig`: how long and how often."""
+
+    iterations: int
+    validate_every: int
+    validation_episodes: int
+    checkpoint_every: int
+
+
+TINY_TRAINING = Training(iterations=30, validate_every=10, validation_episodes=2, checkpoint_every=10)
 """Enough to tell the methods apart on the sample data, in seconds on two cores."""
 
 
@@ -99,10 +130,15 @@ def trained_runs(split_index: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from pipeline.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("runs")
-    runs = {"pretrain": train(
-        split_index, root / "pretrain", TrainConfig(method="pretrain", **{**TINY_TRAINING, "iterations": 60}),
-        progress=False,
-    ).run_dir}
+    pretraining: Training = {**TINY_TRAINING, "iterations": 60}
+    runs = {
+        "pretrain": train(
+            split_index,
+            root / "pretrain",
+            TrainConfig(method="pretrain", **pretraining),
+            progress=False,
+        ).run_dir
+    }
     for method in ("maml", "r2d2", "protonet"):
         config = TrainConfig(method=method, init_from=str(runs["pretrain"]), **TINY_TRAINING)
         runs[method] = train(split_index, root / method, config, progress=False).run_dir

@@ -55,12 +55,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def task_states(flow_run_id: UUID, expected: Mapping[str, int]) -> dict[str, list[str]]:
+def task_states(flow_run_id: UUID | None, expected: Mapping[str, int]) -> dict[str, list[str]]:
     """Final state names of the task runs of a flow run and its subflows, by task name.
 
     Task runs reach the server as events, a little after the flow returns: poll until the
     `expected` number of runs of each task have a final state (or a minute has passed).
+    `flow_run_id` is a state's `state_details.flow_run_id`, typed optional: None fails the test.
     """
+    assert flow_run_id is not None, "the state belongs to no flow run"
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -72,18 +74,14 @@ def task_states(flow_run_id: UUID, expected: Mapping[str, int]) -> dict[str, lis
     with get_client(sync_client=True) as client:
         while True:
             children = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
-                )
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
             )
             ids = [flow_run_id, *(child.id for child in children)]
             subflows = {child.parent_task_run_id for child in children}  # not tasks of ours
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
-            )
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
             states: dict[str, list[str]] = defaultdict(list)
             for run in runs:
-                if run.id not in subflows and run.state is not None and run.state.is_final():
+                if run.id not in subflows and run.state is not None and run.state.is_final() and run.state.name:
                     states[run.name.rsplit("-", 1)[0]].append(run.state.name)
             arrived = all(len(states[name]) >= count for name, count in expected.items())
             if arrived or time.monotonic() > deadline:

@@ -3,13 +3,14 @@
 Small arrays built here with known answers: what each piece must compute, not a race between
 methods (those are in benchmarks/adapt_scenes.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from models.backbones import arch_preset, build_model
+from models.backbones import Standardized, arch_preset, build_model
 from models.heads import CONTEXT_SIZES, features, labelled_rows, ridge_fit
 from pipeline.candidates import LinearScores, PixelCandidate, Support, fit_logistic
 from pipeline.crossval import LabelledScene, cross_validate, spatial_folds, wilson_interval
@@ -49,16 +50,21 @@ def test_features_are_the_embedding_then_the_bands_then_their_neighbourhood_mean
         arch_preset("tiny", "segmentation", 3, 4), input_mean=(0.1, 0.2, 0.3), input_std=(0.5, 0.5, 0.5)
     )
     model = build_model(arch, seed=0).eval()
+    assert isinstance(model, Standardized)
     images = torch.rand(2, 3, 16, 16)
     values = features(model, images)
     embedding_width = values.shape[1] - 3 * (1 + len(CONTEXT_SIZES))
     assert values.shape == (2, embedding_width + 9, 16, 16) and embedding_width > 0
     bands = (images - model.mean) / model.std
-    torch.testing.assert_close(values[:, embedding_width:embedding_width + 3], bands)
+    torch.testing.assert_close(values[:, embedding_width : embedding_width + 3], bands)
     # an interior pixel's 3 x 3 and 5 x 5 means, and a corner's 3 x 3 mean over the 4 pixels it has
-    torch.testing.assert_close(values[0, embedding_width + 3:embedding_width + 6, 7, 9], bands[0, :, 6:9, 8:11].mean(dim=(1, 2)))
-    torch.testing.assert_close(values[0, embedding_width + 6:, 7, 9], bands[0, :, 5:10, 7:12].mean(dim=(1, 2)))
-    torch.testing.assert_close(values[1, embedding_width + 3:embedding_width + 6, 0, 0], bands[1, :, :2, :2].mean(dim=(1, 2)))
+    torch.testing.assert_close(
+        values[0, embedding_width + 3 : embedding_width + 6, 7, 9], bands[0, :, 6:9, 8:11].mean(dim=(1, 2))
+    )
+    torch.testing.assert_close(values[0, embedding_width + 6 :, 7, 9], bands[0, :, 5:10, 7:12].mean(dim=(1, 2)))
+    torch.testing.assert_close(
+        values[1, embedding_width + 3 : embedding_width + 6, 0, 0], bands[1, :, :2, :2].mean(dim=(1, 2))
+    )
     labels = torch.full((2, 16, 16), 255)
     labels[0, 3, 5] = 2
     rows, kept = labelled_rows(values, labels)
@@ -97,13 +103,8 @@ def test_pixel_candidate_separates_what_the_bands_separate_and_keeps_unlabelled_
 def test_spatial_folds_keep_blocks_together_and_spread_every_class():
     """Pairs of labels 5 px apart in one 20 px block, pairs 100 px apart: each pair shares a fold;
     a class's pairs are dealt to different folds so every class can be held out."""
-    rows, cols, targets = [], [], []
-    for pair in range(10):
-        for offset in (0, 5):
-            rows.append(100 * pair + offset)
-            cols.append(0)
-            targets.append(pair % 2)
-    rows, cols, targets = np.array(rows), np.array(cols), np.array(targets)
+    labels = [(100 * pair + offset, 0, pair % 2) for pair in range(10) for offset in (0, 5)]
+    rows, cols, targets = (np.array(column) for column in zip(*labels))
     folds = spatial_folds(rows, cols, targets, spacing=20, folds=5)
     assert len(np.unique(folds)) == 5
     assert all(folds[2 * pair] == folds[2 * pair + 1] for pair in range(10))
@@ -114,9 +115,14 @@ def test_spatial_folds_keep_blocks_together_and_spread_every_class():
 def _scene(images: np.ndarray, points: list[tuple[int, int, int]], truth: np.ndarray) -> LabelledScene:
     at = np.array(points)
     return LabelledScene(
-        classes=np.array([2, 5]), targets=truth[at[:, 0], at[:, 1], at[:, 2]],
-        rows=at[:, 0] * 1000 + at[:, 1], cols=at[:, 2], support_images=images, support_at=at,
-        context_images=images, context_at=at,
+        classes=np.array([2, 5]),
+        targets=truth[at[:, 0], at[:, 1], at[:, 2]],
+        rows=at[:, 0] * 1000 + at[:, 1],
+        cols=at[:, 2],
+        support_images=images,
+        support_at=at,
+        context_images=images,
+        context_at=at,
     )
 
 

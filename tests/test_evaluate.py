@@ -3,6 +3,7 @@ random init and the per-pixel classifier on the same seeded test episodes and wr
 report.md and the accuracy plot; the same seed gives the same table; bad inputs end with one
 clear line. The classification task (compact CNN) trains and
 evaluates end to end too."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,18 @@ from pipeline.report import COSTS, METRICS
 
 runner = CliRunner()
 
-TINY_EVALUATION = ["--shots", "0,1,2", "--episodes", "2", "--validation-episodes", "1", "--seed", "0", "--device", "cpu"]
+TINY_EVALUATION = [
+    "--shots",
+    "0,1,2",
+    "--episodes",
+    "2",
+    "--validation-episodes",
+    "1",
+    "--seed",
+    "0",
+    "--device",
+    "cpu",
+]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -67,11 +79,23 @@ def test_evaluate_writes_the_report_and_the_same_seed_gives_the_same_table(split
 
     # the other spelling of several runs, the same seed: the same scores (timings differ)
     second = runner.invoke(
-        app, ["evaluate", str(split_index), "--runs", pretrain, "--runs", maml, *TINY_EVALUATION, "--out", str(tmp_path / "b")]
+        app,
+        [
+            "evaluate",
+            str(split_index),
+            "--runs",
+            pretrain,
+            "--runs",
+            maml,
+            *TINY_EVALUATION,
+            "--out",
+            str(tmp_path / "b"),
+        ],
     )
     assert second.exit_code == 0, second.output
     scores = [pd.read_csv(tmp_path / run / "results.csv").drop(columns=list(COSTS)) for run in ("a", "b")]
-    pd.testing.assert_frame_equal(*scores, check_exact=True)
+    scores_a, scores_b = scores
+    pd.testing.assert_frame_equal(scores_a, scores_b, check_exact=True)
     reports = [(tmp_path / run / "report.md").read_text().split("kappa:")[1] for run in ("a", "b")]
     assert reports[0] == reports[1]
 
@@ -79,7 +103,8 @@ def test_evaluate_writes_the_report_and_the_same_seed_gives_the_same_table(split
 def test_protonet_is_scored_by_its_prototypes_without_fine_tuning(split_index, trained_runs, tmp_path):
     out = tmp_path / "report"
     result = runner.invoke(
-        app, ["evaluate", str(split_index), "--runs", str(trained_runs["protonet"]), *TINY_EVALUATION, "--out", str(out)]
+        app,
+        ["evaluate", str(split_index), "--runs", str(trained_runs["protonet"]), *TINY_EVALUATION, "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
     methods = pd.read_csv(out / "results.csv")["method"].unique().tolist()
@@ -112,7 +137,8 @@ def test_evaluate_refuses_bad_inputs_with_one_line(split_index, sen12ms_index, t
 
     for shots in ("1,x", "-1,2", ","):
         usage = runner.invoke(
-            app, ["evaluate", str(split_index), "--runs", str(trained_runs["maml"]), "--shots", shots, "--out", str(out)]
+            app,
+            ["evaluate", str(split_index), "--runs", str(trained_runs["maml"]), "--shots", shots, "--out", str(out)],
         )
         assert usage.exit_code == 2 and "--shots" in flat(usage.output), shots
     missing = runner.invoke(app, ["evaluate", str(split_index), "--out", str(out)])
@@ -131,11 +157,35 @@ def test_evaluation_settings_are_checked_and_shots_sorted():
 def test_classification_trains_a_compact_cnn_and_evaluates(split_index, tmp_path):
     """4-way tile classification: the sample regions hold 10-19 tiles per class, so few queries."""
     run = tmp_path / "run"
-    trained = runner.invoke(app, [
-        "train", str(split_index), "--task", "classification", "--method", "maml", "--iterations", "4",
-        "--validate-every", "2", "--checkpoint-every", "2", "--validation-episodes", "1",
-        "--n-way", "4", "--shots", "2", "--queries", "3", "--device", "cpu", "--out", str(run),
-    ])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            str(split_index),
+            "--task",
+            "classification",
+            "--method",
+            "maml",
+            "--iterations",
+            "4",
+            "--validate-every",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--validation-episodes",
+            "1",
+            "--n-way",
+            "4",
+            "--shots",
+            "2",
+            "--queries",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(run),
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "classification" and config["arch"]["name"] == "cnn"
@@ -158,13 +208,28 @@ def test_segmentation_evaluates_on_scene_episodes_by_default_and_refuses_an_unkn
     """Scene episodes label every class of a scene: with 1 shot per class the query holds far more
     classes than an N-way episode would allow, and the report names the protocol."""
     maml = str(trained_runs["maml"])
-    scene = runner.invoke(app, ["evaluate", str(split_index), "--runs", maml, *TINY_EVALUATION, "--out", str(tmp_path / "s")])
+    scene = runner.invoke(
+        app, ["evaluate", str(split_index), "--runs", maml, *TINY_EVALUATION, "--out", str(tmp_path / "s")]
+    )
     assert scene.exit_code == 0, scene.output
     assert "scene protocol" in (tmp_path / "s" / "report.md").read_text()
-    episode = runner.invoke(app, [
-        "evaluate", str(split_index), "--runs", maml, *TINY_EVALUATION, "--protocol", "episode", "--out", str(tmp_path / "e"),
-    ])
+    episode = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(split_index),
+            "--runs",
+            maml,
+            *TINY_EVALUATION,
+            "--protocol",
+            "episode",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
     assert episode.exit_code == 0, episode.output
     assert "episode protocol" in (tmp_path / "e" / "report.md").read_text()
-    bad = runner.invoke(app, ["evaluate", str(split_index), "--runs", maml, "--protocol", "tiles", "--out", str(tmp_path / "b")])
+    bad = runner.invoke(
+        app, ["evaluate", str(split_index), "--runs", maml, "--protocol", "tiles", "--out", str(tmp_path / "b")]
+    )
     assert bad.exit_code == 2 and "--protocol" in flat(bad.output) and not (tmp_path / "b").exists()

@@ -1,4 +1,5 @@
 """GIS-ready writers: a valid COG with colours and names, a QGIS style, polygons, atomic writes."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,8 @@ def blocky_classes(height: int, width: int) -> np.ndarray:
     """Three classes in bands of columns (edges at odd columns, so overviews must pick, not mix),
     nodata in the top-left corner."""
     classes = np.zeros((height, width), np.uint8)
-    classes[:, width // 3 | 1:] = 9
-    classes[:, 2 * width // 3 | 1:] = 6
+    classes[:, width // 3 | 1 :] = 9
+    classes[:, 2 * width // 3 | 1 :] = 6
     classes[: height // 4, : width // 5] = 255
     return classes
 
@@ -58,6 +59,7 @@ def test_class_raster_is_a_valid_cog_with_colours_names_and_the_grid(tmp_path: P
 def test_qml_has_one_palette_entry_per_class_and_escapes_names(tmp_path: Path):
     root = ET.parse(write_qml(tmp_path / "map.qml", ODD)).getroot()
     renderer = root.find("pipe/rasterrenderer")
+    assert renderer is not None
     assert renderer.get("type") == "paletted" and renderer.get("band") == "1"
     entries = renderer.findall("colorPalette/paletteEntry")
     assert [(e.get("value"), e.get("label"), e.get("color"), e.get("alpha")) for e in entries] == [
@@ -110,8 +112,7 @@ def test_polygons_of_an_all_nodata_map_make_an_empty_layer(tmp_path: Path):
 
 def test_a_failing_writer_leaves_nothing_behind(tmp_path: Path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with class_raster_writer(out / "map.tif", DFC10, GRID) as dst:
-            dst.write(np.zeros((1, 100, GRID.width), np.uint8), window=((0, 100), (0, GRID.width)))
-            raise RuntimeError("crash halfway")
+    with pytest.raises(RuntimeError), class_raster_writer(out / "map.tif", DFC10, GRID) as dst:
+        dst.write(np.zeros((1, 100, GRID.width), np.uint8), window=((0, 100), (0, GRID.width)))
+        raise RuntimeError("crash halfway")
     assert list(out.iterdir()) == []

@@ -3,6 +3,7 @@
 The index must be the very one the in-process `landcover ingest` writes, and the per-file tasks
 must really have been spread over both workers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,9 +27,10 @@ def test_ingest_on_two_dask_workers_writes_the_in_process_index(
     with dask_runner(workers=2) as runner:
         assert runner is not None
         with Client(runner.address) as client, get_task_stream(client) as stream:
-            state = ingest_flow.with_options(task_runner=runner, result_storage=tmp_path / "cache")(
-                "sen12ms", sen12ms_root, out, files_per_task=64, return_state=True
-            )
+            state = ingest_flow.with_options(
+                task_runner=runner,  # type: ignore[arg-type]  # prefect_dask's typing: see flows.dask
+                result_storage=tmp_path / "cache",
+            )("sen12ms", sen12ms_root, out, files_per_task=64, return_state=True)
     assert state.result() == out
     assert len({task["worker"] for task in stream.data}) == 2
     # the workers report their task runs to the flow's Prefect server, not to one of their own

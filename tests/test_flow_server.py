@@ -41,7 +41,7 @@ def _until(check: Callable[[], Any], seconds: float, what: str, process: subproc
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"{what}: {process.args} exited with {process.returncode}")
+            pytest.fail(f"{what}: {process.args!r} exited with {process.returncode}")
         try:
             found = check()
         except Exception:  # not up yet: connection refused, 404, ...
@@ -56,9 +56,7 @@ def _until(check: Callable[[], Any], seconds: float, what: str, process: subproc
 def _started(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     """A subprocess in a session of its own, stopped with Ctrl-C (then killed) when done."""
     with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield process
         finally:

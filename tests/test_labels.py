@@ -1,4 +1,5 @@
 """Reading a user's labels: any CRS and format, names or ids, points or polygons; clear errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,8 +69,10 @@ def test_shapefile_of_ids_a_tiny_polygon_and_conflicting_overlaps(scene: Path, t
     tiny = Point(*xy(TRANSFORM, 40, 40)).buffer(1.0)  # 2 m across: covers no pixel centre
     geometries = [
         tiny,
-        pixel_box(0, 0, 2, 2), pixel_box(1, 1, 3, 3),  # overlap in pixel (1, 1) with different classes
-        pixel_box(80, 80, 81, 82), pixel_box(80, 80, 81, 81),  # overlap with the same class
+        pixel_box(0, 0, 2, 2),
+        pixel_box(1, 1, 3, 3),  # overlap in pixel (1, 1) with different classes
+        pixel_box(80, 80, 81, 82),
+        pixel_box(80, 80, 81, 81),  # overlap with the same class
     ]
     frame = gpd.GeoDataFrame({"label": [1, 2, 5, 4, 4]}, geometry=geometries, crs=UTM)
     labels = read_labels(write(frame, tmp_path / "labels.shp", "ESRI Shapefile"), scene, DFC10, class_column="label")
@@ -100,8 +103,10 @@ def _points(classes: list, pixels: list[tuple[int, int]], column: str = "class")
     "frame, message",
     [
         (_points(["forest"], [(1, 1)], column="landcover"), r"no class column 'class'; its columns: landcover"),
-        (_points(["Forest", "Lava", "Moon"], [(1, 1)] * 3),
-         r"unknown class name\(s\).*Lava, Moon.*valid classes of dfc10: Forest, Shrubland"),
+        (
+            _points(["Forest", "Lava", "Moon"], [(1, 1)] * 3),
+            r"unknown class name\(s\).*Lava, Moon.*valid classes of dfc10: Forest, Shrubland",
+        ),
         (_points([0, 10, -1], [(1, 1)] * 3), r"class ids \[-1, 10\].*out of range.*0-9"),
         (_points([1.5], [(1, 1)]), r"non-integer class ids"),
         (_points(["water", "water", "water"], [(1, 1), (-5, 3), (HEIGHT, 3)]), r"2 of 3 labels fall outside the scene"),

@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 from types import SimpleNamespace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -36,9 +36,16 @@ def _tiny_cnn() -> nn.Module:
     return build_model(config, seed=0)
 
 
-def _learner(kind: type[L], **settings: float) -> L:
-    """`kind` on the tiny cnn in float64 (rates too), 2 inner steps at rate 0.1 unless told."""
-    return kind(_tiny_cnn(), LearnerSettings(**{"inner_steps": 2, "inner_lr": 0.1, **settings})).double()
+def _learner(kind: type[L], **settings: Any) -> L:
+    """`kind` on the tiny cnn in float64 (rates too), 2 inner steps at rate 0.1 unless told
+    (`settings`: fields of `LearnerSettings`)."""
+    defaults: dict[str, Any] = {"inner_steps": 2, "inner_lr": 0.1}
+    return kind(_tiny_cnn(), LearnerSettings(**{**defaults, **settings})).double()
+
+
+def _grad(parameter: Tensor) -> Tensor:
+    assert parameter.grad is not None
+    return parameter.grad
 
 
 def _episodes(seed: int, count: int) -> list[SimpleNamespace]:
@@ -101,7 +108,7 @@ def test_reptile_inner_step_is_sgd_on_support_plus_query_loss():
     learner = _learner(Reptile, inner_steps=1, reptile_inner_lr=0.1)
     model = learner.model
     task = _tasks(model, _episodes(1, 1))[0]
-    params = dict(model.named_parameters())
+    params: Params = dict(model.named_parameters())
     support = _loss(model, params, task.support_x, task.support_y, task)
     loss = support + _loss(model, params, task.query_x, task.query_y, task)
     grads = torch.autograd.grad(loss, list(params.values()))
@@ -123,10 +130,16 @@ def test_anil_inner_loop_adapts_only_the_last_layer_and_the_body_still_learns():
 
     episodes = _episodes(2, 2)
     task = _tasks(model, episodes)[0]
-    params = dict(model.named_parameters())
+    params: Params = dict(model.named_parameters())
     path = trajectory(
-        model, params, task.support_x, task.support_y, task.classes,
-        steps=2, lr=learner.schedule(), only=learner.only,
+        model,
+        params,
+        task.support_x,
+        task.support_y,
+        task.classes,
+        steps=2,
+        lr=learner.schedule(),
+        only=learner.only,
     )
     for adapted in path:
         for name, value in params.items():
@@ -223,7 +236,7 @@ def test_mamlpp_meta_gradient_is_first_order_early_and_second_order_late(iterati
     learner = _learner(MamlPlusPlus, inner_steps=3, iterations=10, second_order_from=0.5)
     model = learner.model
     task = _tasks(model, _episodes(4, 1))[0]
-    params = dict(model.named_parameters())
+    params: Params = dict(model.named_parameters())
     exact = torch.autograd.grad(learner.task_loss(params, task, iteration), list(params.values()))
     weights = step_weights(3, iteration / 10)
     first = _first_order_gradient(model, params, task, learner.schedule(), weights)
@@ -256,7 +269,7 @@ def test_maml_ga_step_equals_maml_on_identical_tasks():
     losses = [learner.step(batch, 0) for learner in learners]
     assert losses[0] == pytest.approx(losses[1], rel=1e-9)
     maml, ga = (learner.state_dict() for learner in learners)
-    assert not torch.equal(maml["model.head.weight"], _tiny_cnn().head.weight.double())
+    assert not torch.equal(maml["model.head.weight"], _tiny_cnn().get_parameter("head.weight").double())
     for name in maml:
         torch.testing.assert_close(ga[name], maml[name], msg=name)
 
@@ -265,16 +278,18 @@ def test_maml_ga_step_follows_the_agreement_weighted_gradient():
     """Distinct tasks: the gradient stepped along is sum_i w_i g_i of the tasks' own gradients."""
     learner = _learner(MamlGa, max_grad_norm=1e9)
     episodes = _episodes(6, 3)
-    params = dict(learner.model.named_parameters())
+    params: Params = dict(learner.model.named_parameters())
     trained = [p for p in learner.parameters() if p.requires_grad]
-    rows = torch.stack([
-        torch.cat([g.reshape(-1) for g in torch.autograd.grad(learner.task_loss(params, task, 0), trained)])
-        for task in _tasks(learner.model, episodes)
-    ])
+    rows = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(learner.task_loss(params, task, 0), trained)])
+            for task in _tasks(learner.model, episodes)
+        ]
+    )
     weights = agreement_weights(rows)
     assert not torch.allclose(weights, torch.full_like(weights, 1 / 3), atol=1e-3)
     learner.step(episodes, 0)
-    stepped = torch.cat([p.grad.reshape(-1) for p in trained])
+    stepped = torch.cat([_grad(p).reshape(-1) for p in trained])
     torch.testing.assert_close(stepped, weights @ rows, rtol=1e-10, atol=1e-12)
 
 
@@ -358,7 +373,7 @@ def _meta_objective(learner: MetaLearner, tasks: Sequence[TaskTensors], loss: Ta
 
     def objective(*inputs: Tensor) -> Tensor:
         params = dict(zip(names, inputs[: len(names)]))
-        rates = [log_rate.exp() for log_rate in inputs[len(names):]]
+        rates = [log_rate.exp() for log_rate in inputs[len(names) :]]
         return torch.stack([loss(learner.model, params, rates, task) for task in tasks]).mean()
 
     return objective
@@ -380,7 +395,7 @@ def test_second_order_meta_gradient_matches_finite_differences(kind: type[MetaLe
     objective = _meta_objective(learner, tasks, loss)
     inputs = tuple(t.detach().clone().requires_grad_() for t in (*learner.model.parameters(), *learner.log_lrs))
 
-    params = dict(learner.model.named_parameters())
+    params: Params = dict(learner.model.named_parameters())
     iteration = round(PROGRESS * iterations)
     own = torch.stack([learner.task_loss(params, task, iteration) for task in tasks]).mean()
     torch.testing.assert_close(objective(*inputs), own)

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from models.backbones import ArchConfig, arch_preset, build_model, episode_loss
 from models.learner import LearnerSettings, TaskTensors, task_tensors
-from models.maml import Fomaml, Maml, MetaLearner, adapt, meta_loss
+from models.maml import Fomaml, Maml, MetaLearner, Params, adapt, meta_loss
 
 
 def _tiny_cnn() -> nn.Module:
@@ -102,7 +102,7 @@ class _WithUnused(nn.Module):
 def test_unused_parameters_stay_put_and_get_no_meta_gradient():
     torch.manual_seed(0)
     model = _WithUnused()
-    params = dict(model.named_parameters())
+    params: Params = dict(model.named_parameters())
     x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
     adapted = adapt(model, params, x, y, torch.tensor([2, 0]), steps=2, lr=0.1)
     assert adapted["unused.weight"] is params["unused.weight"]
@@ -129,7 +129,7 @@ def _episodes(rng: np.random.Generator, count: int, size: int = 8) -> list[Simpl
     for _ in range(count):
         labels = np.array([0, 0, 1, 1])
 
-        def images() -> np.ndarray:
+        def images(labels: np.ndarray) -> np.ndarray:
             x = rng.normal(size=(4, 3, size, size)).astype(np.float32)
             x[:, 0] += np.where(labels == 0, -1.0, 1.0)[:, None, None]
             return x
@@ -138,9 +138,9 @@ def _episodes(rng: np.random.Generator, count: int, size: int = 8) -> list[Simpl
         episodes.append(
             SimpleNamespace(
                 classes=classes,
-                support_images=images(),
+                support_images=images(labels),
                 support_labels=labels,
-                query_images=images(),
+                query_images=images(labels),
                 query_labels=labels,
             )
         )

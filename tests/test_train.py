@@ -2,6 +2,7 @@
 other settings is refused, FOMAML records that it is first order, and a run directory holds
 what `evaluate` and `adapt` need (weights that load with `weights_only=True`, a config.json
 with classes, bands, normalisation, architecture and fine-tuning budget)."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 RESUMABLE = [
-    "--method", "fomaml", "--iterations", "8", "--validate-every", "4", "--checkpoint-every", "3",
-    "--validation-episodes", "1", "--seed", "0", "--device", "cpu",
+    "--method",
+    "fomaml",
+    "--iterations",
+    "8",
+    "--validate-every",
+    "4",
+    "--checkpoint-every",
+    "3",
+    "--validation-episodes",
+    "1",
+    "--seed",
+    "0",
+    "--device",
+    "cpu",
 ]
 """Tiny FOMAML settings: checkpoints at 3, 6, 8 and validations at 4, 8, so a kill after the
 first checkpoint usually resumes from behind the best weights already saved."""
@@ -74,7 +87,11 @@ def test_a_killed_training_resumes_and_ends_with_the_weights_of_an_uninterrupted
 
     again = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "train", str(split_index), *RESUMABLE, "--out", str(killed)],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from iteration {reached}" in again.stdout
@@ -152,7 +169,8 @@ def test_impossible_training_settings_are_refused_at_once(settings, problem):
 def test_the_train_command_turns_bad_options_into_usage_errors(split_index, tmp_path):
     bad_method = runner.invoke(app, ["train", str(split_index), "--method", "siamese", "--out", str(tmp_path / "r")])
     assert bad_method.exit_code == 2
-    assert "not one of protonet, reptile, anil, metasgd, mamlpp, maml-ga, maml, fomaml, r2d2, pretrain" in flat(bad_method.output)
+    learners = "'protonet', 'reptile', 'anil', 'metasgd', 'mamlpp', 'maml-ga', 'maml', 'fomaml', 'r2d2', 'pretrain'"
+    assert f"not one of {learners}" in flat(bad_method.output)
     zero = runner.invoke(app, ["train", str(split_index), "--checkpoint-every", "0", "--out", str(tmp_path / "r")])
     assert zero.exit_code == 2
     assert not (tmp_path / "r").exists()

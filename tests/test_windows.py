@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,7 @@ def per_pixel_logits(batch: np.ndarray) -> np.ndarray:
 def smooth_scene(path: Path, height: int, width: int, *, crs: CRS | None = CRS_UTM) -> np.ndarray:
     """Two smooth uint16 bands, a nodata (0) corner and one pixel nodata in one band only."""
     rows, cols = np.mgrid[:height, :width]
-    image = np.stack(
-        [5000 + 4000 * np.sin(rows / 37 + cols / 53), 5000 + 4000 * np.cos(cols / 29 - rows / 61)]
-    )
+    image = np.stack([5000 + 4000 * np.sin(rows / 37 + cols / 53), 5000 + 4000 * np.cos(cols / 29 - rows / 61)])
     image = image.astype(np.uint16)
     image[:, :20, :30] = 0
     image[0, height - 1, width - 1] = 0
@@ -67,7 +66,7 @@ def test_windows_cover_each_axis_with_the_last_one_flush():
     ]:
         starts = window_starts(size, window, overlap)
         assert starts[0] == 0 and starts[-1] == max(0, size - window)
-        assert all(0 < b - a <= window - overlap for a, b in zip(starts, starts[1:]))
+        assert all(0 < b - a <= window - overlap for a, b in itertools.pairwise(starts))
 
 
 def test_blend_weights_of_neighbours_sum_to_one():
@@ -168,11 +167,9 @@ def test_prediction_is_deterministic(tmp_path: Path):
             overlap=16,
             probabilities_path=tmp_path / f"prob{run}.tif",
         )
+        assert result.probabilities is not None
         digests.append(
-            [
-                hashlib.sha256(path.read_bytes()).hexdigest()
-                for path in (result.classes, result.probabilities)
-            ]
+            [hashlib.sha256(path.read_bytes()).hexdigest() for path in (result.classes, result.probabilities)]
         )
     assert digests[0] == digests[1]
 
@@ -194,9 +191,7 @@ def test_scene_smaller_than_a_window_without_crs(tmp_path: Path):
         assert src.transform == rasterio.Affine.identity()
         class_map = src.read(1)
     valid = ~(image == 0).all(axis=0)
-    np.testing.assert_array_equal(
-        class_map[valid], expected_probabilities(image).argmax(axis=0)[valid]
-    )
+    np.testing.assert_array_equal(class_map[valid], expected_probabilities(image).argmax(axis=0)[valid])
 
 
 def test_a_failure_midway_leaves_no_output_and_no_temporary_file(tmp_path: Path):
@@ -236,10 +231,8 @@ def test_wrong_model_output_and_unreadable_image_are_reported(tmp_path: Path):
             batch_size=2,
         )
     (tmp_path / "broken.tif").write_bytes(b"not a tiff")
-    with pytest.raises(DataError, match="broken.tif"):
-        predict_scene(
-            tmp_path / "broken.tif", per_pixel_logits, tmp_path / "map.tif", scheme=SCHEME
-        )
+    with pytest.raises(DataError, match=r"broken\.tif"):
+        predict_scene(tmp_path / "broken.tif", per_pixel_logits, tmp_path / "map.tif", scheme=SCHEME)
     with pytest.raises(DataError, match="has 2 bands"):
         predict_scene(
             tmp_path / "scene.tif",
