@@ -5,6 +5,7 @@ persisted results so a later run in another process skips unchanged steps, and r
 steps that touch files. Torch-heavy modules are imported inside the task bodies, so importing the
 flows (the CLI, a Dask worker, a test) stays quick and never needs a model library.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,6 +20,7 @@ from prefect.states import State
 from flows.caching import cache_on
 from geo.index import FileIndex
 from geo.readers import SourceFile
+from geo.sources.base import Source
 from pipeline import ingest
 from pipeline.config import evaluate_config, map_config, train_config
 from pipeline.ingest import IngestPlan
@@ -66,15 +68,13 @@ def sample_scene(out: Path, seed: int) -> tuple[Path, Path]:
 
 
 @task(name="plan-ingest", **IO_RETRIES)
-def plan_ingest(source: str, root: Path, files_per_part: int) -> IngestPlan:
+def plan_ingest(source: Source, root: Path, files_per_part: int) -> IngestPlan:
     """Not cached: listing the files is how a re-run learns about new or removed ones."""
     return ingest.plan_ingest(source, root, files_per_part=files_per_part)
 
 
 @task(name="index-part", cache_policy=cache_on(), **PERSIST, **IO_RETRIES)
-def index_part(
-    source: str, files: list[SourceFile], grid: int, num_classes: int
-) -> list[FileIndex]:
+def index_part(source: Source, files: list[SourceFile], grid: int, num_classes: int) -> list[FileIndex]:
     return ingest.index_part(source, files, grid=grid, num_classes=num_classes)
 
 
@@ -85,7 +85,7 @@ def index_part(
     **IO_RETRIES,
 )
 def write_index(
-    source: str,
+    source: Source,
     root: Path,
     plan: IngestPlan,
     parts: list[list[FileIndex]],
@@ -112,19 +112,16 @@ def train(index: Path, out_dir: Path, settings: dict[str, Any]) -> Path:
 
 
 @task(name="evaluate", cache_policy=cache_on(writes=("out_dir",)), **PERSIST)
-def evaluate(
-    index: Path, runs: dict[str, Path], out_dir: Path, settings: dict[str, Any]
-) -> ReportFiles:
+def evaluate(index: Path, runs: dict[str, Path], out_dir: Path, settings: dict[str, Any]) -> ReportFiles:
     from pipeline.evaluate import evaluate
 
     return evaluate(index, list(runs.values()), out_dir, evaluate_config(settings)).files
 
 
 @task(name="adapt", cache_policy=cache_on(writes=("out", "adapted")), **PERSIST, **IO_RETRIES)
-def adapt(
-    model: Path, image: Path, labels: Path, out: Path, adapted: Path, settings: dict[str, Any]
-) -> Path:
-    """Map the new scene to `out`; return the adapted model, saved to `adapted` for `predict`."""
+def adapt(model: Path, image: Path, labels: Path, out: Path, adapted: Path, settings: dict[str, Any]) -> Path:
+    """Map the new scene to `out` (with its style, report and STAC Item `MAP.stac.json`); return
+    the adapted model, saved to `adapted` for `predict`."""
     from pipeline.adapt import adapt
 
     adapt(model, image, labels, out, save_adapted=adapted, config=map_config(settings))
@@ -133,6 +130,7 @@ def adapt(
 
 @task(name="predict", cache_policy=cache_on(writes=("out",)), **PERSIST, **IO_RETRIES)
 def predict(model: Path, image: Path, out: Path, settings: dict[str, Any]) -> Path:
+    """Map `image` to `out` (`MAP.tif`, with its style and STAC Item `MAP.stac.json`)."""
     from pipeline.adapt import predict_map
 
     predict_map(model, image, out, config=map_config(settings))

@@ -1,4 +1,5 @@
 """The one exception type for problems with the user's data."""
+
 from __future__ import annotations
 
 from pathlib import Path

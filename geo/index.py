@@ -33,7 +33,9 @@ from tqdm import tqdm
 from geo.atomic import atomic_output
 from geo.classes import IGNORE_INDEX
 from geo.errors import DataError
-from geo.readers import Dataset, LocatedTile, SourceFile, band_names, discover, read_tiles
+from geo.readers import LocatedTile, SourceFile, read_tiles
+from geo.sources import as_source
+from geo.sources.base import Dataset, Source
 
 COLUMNS: tuple[str, ...] = (
     "path",
@@ -54,6 +56,8 @@ COLUMNS: tuple[str, ...] = (
 )
 STATISTICS: tuple[str, ...] = ("mean", "std", "q10", "q50", "q90")
 """Per-band statistics in `features`, band by band."""
+PATH_COLUMNS: tuple[str, ...] = ("path", "label_path", "s1_path")
+"""Columns of file paths: stored relative to the dataset root, read back absolute."""
 METADATA_KEY = b"landcover"
 METADATA_KEYS: tuple[str, ...] = ("source", "scheme", "bands", "feature_names")
 """Metadata every step reads; an index without them was not written by `landcover ingest`."""
@@ -110,27 +114,28 @@ def _statistics(values: np.ndarray) -> np.ndarray:
     return np.array([values.mean(dtype=np.float64), values.std(dtype=np.float64), *quantiles])
 
 
-def index_file(source: str, file: SourceFile, *, grid: int, num_classes: int) -> FileIndex:
+def index_file(source: Source, file: SourceFile, *, grid: int, num_classes: int) -> FileIndex:
     """Read one file tile by tile into index rows; a DataError becomes a Skipped entry."""
     try:
-        tiles = read_tiles(source, file, grid=grid if source == "deepglobe" else 1)
+        tiles = read_tiles(source, file, grid=grid if source.cut_into_grid else 1)
         return FileIndex(rows=[_row(source, file, located, num_classes) for located in tiles])
     except DataError as error:
         return FileIndex(skipped=Skipped(error.path, error.problem))
 
 
-def _row(source: str, file: SourceFile, located: LocatedTile, num_classes: int) -> dict[str, Any]:
+def _row(source: Source, file: SourceFile, located: LocatedTile, num_classes: int) -> dict[str, Any]:
     """A tile's row; pixels not finite in some band (NaN, +-inf: nodata) count in no statistic."""
     image, mask, window = located.tile.image, located.tile.mask, located.window
     finite = np.isfinite(image)
     empty = np.flatnonzero(~finite.any(axis=(1, 2))) + 1
     if len(empty):
         raise DataError(
-            file.path, f"band(s) {', '.join(map(str, empty))} hold no finite pixel (all NaN or +-inf): nothing to index",
+            file.path,
+            f"band(s) {', '.join(map(str, empty))} hold no finite pixel (all NaN or +-inf): nothing to index",
         )
     labelled = (mask != IGNORE_INDEX) & finite.all(axis=0)
     counts = np.bincount(mask[labelled], minlength=num_classes)[:num_classes]
-    if located.crs is None:  # not georeferenced: a box in pixel space (x = column, y = row)
+    if located.crs is None or located.bounds is None:  # not georeferenced: a box in pixel space (x = column, y = row)
         footprint = box(
             window.col_off,
             window.row_off,
@@ -143,7 +148,7 @@ def _row(source: str, file: SourceFile, located: LocatedTile, num_classes: int) 
         "path": str(file.path),
         "label_path": _text(file.label_path),
         "s1_path": _text(file.s1_path),
-        "source": source,
+        "source": source.name,
         "season": file.season,
         "scene": file.scene,
         "crs": located.crs.to_string() if located.crs is not None else None,
@@ -170,20 +175,16 @@ def assemble(dataset: Dataset, parts: Iterable[FileIndex], *, grid: int) -> Inde
     readable = [part for part in parts if part.rows]
     if not readable:
         first = f"{skipped[0].path}: {skipped[0].reason}" if skipped else "none"
-        raise DataError(
-            dataset.root, f"no readable tiles in {len(dataset.files)} files; first problem: {first}"
-        )
+        raise DataError(dataset.root, f"no readable tiles in {len(dataset.files)} files; first problem: {first}")
     count = Counter(map(_band_count, readable)).most_common(1)[0][0]
     rows = [row for part in readable if _band_count(part) == count for row in part.rows]
     skipped += [
-        Skipped(
-            part.rows[0]["path"], f"has {_band_count(part)} bands; the other images have {count}"
-        )
+        Skipped(part.rows[0]["path"], f"has {_band_count(part)} bands; the other images have {count}")
         for part in readable
         if _band_count(part) != count
     ]
     skipped.sort(key=lambda entry: entry.path)
-    bands = band_names(dataset.source, count)
+    bands = dataset.source.band_names(count)
     pixel_footprints = all(row["crs"] is None for row in rows)
     frame = gpd.GeoDataFrame(
         rows,
@@ -192,7 +193,8 @@ def assemble(dataset: Dataset, parts: Iterable[FileIndex], *, grid: int) -> Inde
         crs=None if pixel_footprints else FOOTPRINT_CRS,
     )
     metadata = {
-        "source": dataset.source,
+        "source": dataset.source.name,
+        "source_settings": dataset.source.settings(),
         "root": str(dataset.root),
         "scheme": {
             "name": dataset.scheme.name,
@@ -202,7 +204,7 @@ def assemble(dataset: Dataset, parts: Iterable[FileIndex], *, grid: int) -> Inde
         "bands": list(bands),
         "feature_names": feature_names(bands),
         "pixel_footprints": pixel_footprints,
-        "grid": grid if dataset.source == "deepglobe" else 1,
+        "grid": grid if dataset.source.cut_into_grid else 1,
         "skipped": [{"path": entry.path, "reason": entry.reason} for entry in skipped],
     }
     return IndexResult(frame, skipped, metadata)
@@ -213,7 +215,7 @@ def _band_count(part: FileIndex) -> int:
 
 
 def build_index(
-    source: str,
+    source: Source | str,
     root: str | Path,
     *,
     workers: int | None = None,
@@ -222,18 +224,20 @@ def build_index(
 ) -> IndexResult:
     """Index every file of a dataset with a thread pool; rows come in sorted-path order.
 
-    `grid` cuts each DeepGlobe image into grid x grid tiles (other layouts are one tile per file).
+    `grid` cuts each image of a source that is cut into grid x grid tiles (DeepGlobe, pairs); the
+    others are one tile per file.
     """
     if grid < 1:
         raise ValueError(f"grid must be at least 1, not {grid}")
-    dataset = discover(source, Path(root).resolve())
+    source = as_source(source)
+    dataset = source.discover(Path(root).resolve())
     work = partial(index_file, source, grid=grid, num_classes=dataset.scheme.num_classes)
     workers = workers or min(8, os.cpu_count() or 1)
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
         tqdm(
             total=len(dataset.files),
-            desc=f"ingest {source}",
+            desc=f"ingest {source.name}",
             unit="file",
             disable=not progress,
             delay=1.0,
@@ -250,25 +254,49 @@ def write_index(frame: gpd.GeoDataFrame, path: str | Path, metadata: Mapping[str
     """Write the index as GeoParquet with `metadata` as JSON under the parquet key `landcover`.
 
     Atomic: readers never see a half-written index. Columns that are all null are stored as
-    strings so the schema does not depend on the data (e.g. no s1 files).
+    strings so the schema does not depend on the data (e.g. no s1 files). File paths under the
+    dataset root (metadata `root`) are stored relative to it, and the root also relative to the
+    index's folder (`root_from_index`), so a dataset moved together with its index, or an index
+    read with another root (`read_index(path, root)`), still finds its files.
     """
+    path = Path(path)
+    if metadata.get("root"):
+        root = Path(metadata["root"])
+        frame = frame.assign(**{column: frame[column].map(partial(_relative, root)) for column in PATH_COLUMNS})
+        metadata = {
+            **metadata,
+            "root_from_index": Path(os.path.relpath(root.resolve(), path.parent.resolve())).as_posix(),
+        }
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     table = pq.read_table(pa.BufferReader(buffer.getvalue()))
     for position, column in enumerate(table.schema):
         if pa.types.is_null(column.type):
-            table = table.set_column(
-                position, column.name, table.column(position).cast(pa.string())
-            )
+            table = table.set_column(position, column.name, table.column(position).cast(pa.string()))
     schema_metadata = {**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata).encode()}
-    path = Path(path)
     with atomic_output(path) as tmp:
         pq.write_table(table.replace_schema_metadata(schema_metadata), tmp)
     return path
 
 
-def read_index(path: str | Path) -> tuple[gpd.GeoDataFrame, dict[str, Any]]:
-    """The index frame and its metadata; DataError when the file is missing or not an index."""
+def _relative(root: Path, value: object) -> object:
+    """A file path as stored: relative to the root (POSIX separators) when it lies under it."""
+    if not isinstance(value, str) or not value:
+        return value
+    try:
+        return Path(value).relative_to(root).as_posix()
+    except ValueError:
+        return value
+
+
+def read_index(path: str | Path, root: str | Path | None = None) -> tuple[gpd.GeoDataFrame, dict[str, Any]]:
+    """The index frame (file paths absolute) and its metadata; DataError when the file is missing
+    or not an index.
+
+    The dataset root is `root` when given (a moved dataset, a shared index), else the recorded
+    root, else, when that folder is gone, the root recorded relative to the index's folder (the
+    dataset moved together with its index); metadata `root` says which was used.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "no such index file")
@@ -289,4 +317,28 @@ def read_index(path: str | Path) -> tuple[gpd.GeoDataFrame, dict[str, Any]]:
     absent = [key for key in METADATA_KEYS if not isinstance(metadata, dict) or key not in metadata]
     if absent:
         raise DataError(path, f"has landcover metadata without {', '.join(absent)}; write it with `landcover ingest`")
+    dataset_root = _dataset_root(path, metadata, root)
+    if dataset_root is not None:
+        metadata["root"] = str(dataset_root)
+        for column in PATH_COLUMNS:
+            frame[column] = frame[column].map(partial(_absolute, dataset_root))
     return frame, metadata
+
+
+def _dataset_root(index: Path, metadata: Mapping[str, Any], root: str | Path | None) -> Path | None:
+    """The folder the index's relative paths start from (None: an index of absolute paths)."""
+    if root is not None:
+        if not Path(root).is_dir():
+            raise DataError(root, "no such folder (--root names the dataset's root folder)")
+        return Path(root).resolve()
+    if not metadata.get("root"):
+        return None
+    recorded = Path(metadata["root"])
+    beside_index = index.parent / metadata.get("root_from_index", recorded)
+    if not recorded.is_dir() and beside_index.is_dir():
+        return beside_index.resolve()
+    return recorded
+
+
+def _absolute(root: Path, value: object) -> object:
+    return str(root / value) if isinstance(value, str) and value else value

@@ -1,8 +1,9 @@
-"""Readers of the supported dataset layouts: find the files, read windows of them as scaled tiles.
+"""Reading rasters as scaled tiles: windows of a source's files, scaling, nodata.
 
-Every problem with a file raises `DataError` naming that file, so ingest can skip it (or stop,
-under --strict) and the user learns which file to look at. Reads are windowed: a tile's pixels
-are the only pixels in memory, whatever the size of the file.
+The layouts themselves (which files, which labels) are `geo.sources`; this module reads what a
+source points at. Every problem with a file raises `DataError` naming that file, so ingest can
+skip it (or stop, under --strict) and the user learns which file to look at. Reads are windowed:
+a tile's pixels are the only pixels in memory, whatever the size of the file.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -24,27 +25,13 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
-from geo.classes import (
-    DEEPGLOBE,
-    DEEPGLOBE_UNKNOWN_COLOR,
-    DFC10,
-    IGBP_TO_DFC10,
-    IGNORE_INDEX,
-    RGB_BANDS,
-    S1_BANDS,
-    S2_BANDS,
-    ClassScheme,
-    folder_scheme,
-)
+from geo.classes import IGNORE_INDEX, S1_BANDS
 from geo.errors import DataError
 
-SOURCES = ("sen12ms", "deepglobe", "folder")
-FOLDER_SUFFIXES = (".tif", ".tiff")
+if TYPE_CHECKING:
+    import pandas as pd
 
-DEEPGLOBE_FAR = 64
-"""A mask channel this far from both 0 and 255 is ambiguous, not a jittered class colour."""
-DEEPGLOBE_MAX_FAR_SHARE = 0.01
-"""Share of ambiguous mask pixels above which a mask is rejected as not a DeepGlobe mask."""
+    from geo.sources.base import Source
 
 # DeepGlobe JPEGs carry no georeferencing by design; the index records that instead.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
@@ -85,17 +72,6 @@ class SourceFile:
     class_id: int | None = None
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """The files of one dataset, its class scheme, and problems found while listing it."""
-
-    source: str
-    root: Path
-    scheme: ClassScheme
-    files: list[SourceFile]
-    problems: list[DataError] = field(default_factory=list)
-
-
 def scale_image(
     array: np.ndarray, scales: Sequence[float] | None = None, offsets: Sequence[float] | None = None
 ) -> np.ndarray:
@@ -107,13 +83,14 @@ def scale_image(
     uint16 scene with such tags gives the model exactly what the equivalent untagged uint16 scene
     gives. NaN and +-inf (nodata) become NaN, not a clipped reflectance (see `finite_pixels`).
     """
-    tagged = (
-        (np.asarray(scales) != 1) | (np.asarray(offsets) != 0)
-        if scales is not None and offsets is not None else np.zeros(0, dtype=bool)
-    )
+    if scales is not None and offsets is not None:
+        scale, offset = np.asarray(scales), np.asarray(offsets)
+    else:
+        scale = offset = np.zeros(0)
+    tagged = (scale != 1) | (offset != 0)
     if tagged.any():
         per_band = (len(tagged), 1, 1)
-        reflectance = np.round((array * np.reshape(scales, per_band) + np.reshape(offsets, per_band)) * 10000)
+        reflectance = np.round((array * scale.reshape(per_band) + offset.reshape(per_band)) * 10000)
         array = np.where(tagged.reshape(per_band), reflectance, array)  # untagged bands stay as they are
     elif array.dtype == np.uint8:
         return array.astype(np.float32) / np.float32(255)
@@ -133,109 +110,16 @@ def scene_scaling(dataset: DatasetReader, indexes: Sequence[int]) -> Callable[[n
     )
 
 
-def band_names(source: str, count: int) -> tuple[str, ...]:
-    """Names of a dataset's image bands: S2 for 13 bands, RGB for 3, else band1..bandN."""
-    if source == "sen12ms" or count == len(S2_BANDS):
-        return S2_BANDS
-    if source == "deepglobe" or count == len(RGB_BANDS):
-        return RGB_BANDS
-    return tuple(f"band{number}" for number in range(1, count + 1))
-
-
-# --- finding the files of each layout -------------------------------------------------------
-
-
-def discover(source: str, root: str | Path) -> Dataset:
-    """List a dataset's files in sorted order; DataError when the root holds none of the layout."""
-    root = Path(root)
-    if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
-    if root.is_file():
-        raise DataError(root, "is a file, not a folder")
-    if not root.is_dir():
-        raise DataError(root, "no such folder")
-    return {
-        "sen12ms": _discover_sen12ms,
-        "deepglobe": _discover_deepglobe,
-        "folder": _discover_folder,
-    }[source](root)
-
-
-def _discover_sen12ms(root: Path) -> Dataset:
-    files = []
-    for s2 in sorted(root.glob("ROIs*/s2_*/*.tif")):
-        season, scene = s2.parent.parent.name, s2.parent.name.removeprefix("s2_")
-        s1 = _sen12ms_partner(s2, "s1")
-        files.append(
-            SourceFile(s2, _sen12ms_partner(s2, "lc"), s1 if s1.exists() else None, season, scene)
-        )
-    if not files:
-        raise DataError(
-            root, "no SEN12MS patches (expected ROIs*/s2_<scene>/<season>_s2_<scene>_p<n>.tif)"
-        )
-    return Dataset("sen12ms", root, DFC10, files)
-
-
-def _sen12ms_partner(s2: Path, kind: str) -> Path:
-    """The s1 or lc file of an s2 patch: folder `<kind>_<scene>`, `_<kind>_` in the name."""
-    folder = s2.parent.with_name(kind + s2.parent.name.removeprefix("s2"))
-    return folder / s2.name.replace("_s2_", f"_{kind}_")
-
-
-def _discover_deepglobe(root: Path) -> Dataset:
-    files = [
-        SourceFile(
-            sat,
-            sat.with_name(sat.name.removesuffix("_sat.jpg") + "_mask.png"),
-            scene=sat.name.removesuffix("_sat.jpg"),
-        )
-        for sat in sorted(root.rglob("*_sat.jpg"))
-    ]
-    if not files:
-        raise DataError(root, "no DeepGlobe images (expected <id>_sat.jpg beside <id>_mask.png)")
-    return Dataset("deepglobe", root, DEEPGLOBE, files)
-
-
-def _discover_folder(root: Path) -> Dataset:
-    """Class folders with patches make the scheme; an empty class folder is a problem of its own."""
-    patches: dict[str, list[Path]] = {}
-    problems = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in FOLDER_SUFFIXES)
-        if found:
-            patches[folder.name] = found
-        else:
-            problems.append(DataError(folder, "class folder holds no .tif patches"))
-    if not patches:
-        raise DataError(
-            root, "no class folders with .tif patches (expected <root>/<ClassName>/*.tif)"
-        )
-    scheme = folder_scheme(list(patches))
-    files = [
-        SourceFile(path, class_id=scheme.names.index(name))
-        for name in scheme.names
-        for path in patches[name]
-    ]
-    return Dataset("folder", root, scheme, files, problems)
-
-
-# --- reading windows ------------------------------------------------------------------------
-
-
 def grid_windows(height: int, width: int, grid: int) -> list[Window]:
     """A grid x grid cut of a file, row by row; a remainder of under `grid` pixels is dropped."""
     tile_h, tile_w = height // grid, width // grid
     if tile_h == 0 or tile_w == 0:
         raise ValueError(f"a {height}x{width} image cannot be cut into a {grid}x{grid} grid")
-    return [
-        Window(col * tile_w, row * tile_h, tile_w, tile_h)
-        for row in range(grid)
-        for col in range(grid)
-    ]
+    return [Window(col * tile_w, row * tile_h, tile_w, tile_h) for row in range(grid) for col in range(grid)]
 
 
 def read_tiles(
-    source: str,
+    source: Source,
     file: SourceFile,
     *,
     grid: int = 1,
@@ -248,23 +132,28 @@ def read_tiles(
     """
     with contextlib.ExitStack() as stack:
         image = _open(stack, file.path)
-        _check_image(source, file.path, image)
-        labels = _open_partner(stack, file.path, file.label_path, image, "label")
-        s1 = _open_partner(stack, file.path, file.s1_path if with_s1 else None, image, "s1")
-        if s1 is not None and s1.count != len(S1_BANDS):
-            raise DataError(file.s1_path, f"has {s1.count} bands; SEN12MS s1 has 2 (VV, VH)")
+        source.check_image(file.path, image)
+        labels = None
+        if file.label_path is not None:
+            labels = _open_beside(stack, file.path, file.label_path, "label")
+            source.check_labels(file, image, labels)
+        read_s1: Callable[[Window], np.ndarray] | None = None
+        if with_s1 and file.s1_path is not None:
+            s1 = _open_beside(stack, file.path, file.s1_path, "s1")
+            check_same_size(file.path, image, file.s1_path, s1)
+            if s1.count != len(S1_BANDS):
+                raise DataError(file.s1_path, f"has {s1.count} bands; SEN12MS s1 has 2 (VV, VH)")
+            read_s1 = partial(read_window, s1, file.s1_path)
         try:
-            windows = (
-                [window] if window is not None else grid_windows(image.height, image.width, grid)
-            )
+            windows = [window] if window is not None else grid_windows(image.height, image.width, grid)
         except ValueError as error:
             raise DataError(file.path, str(error)) from None
         scaling = scene_scaling(image, image.indexes)
         for tile_window in windows:
             tile = Tile(
                 image=scaling(read_window(image, file.path, tile_window)),
-                mask=_mask(source, file, labels, tile_window),
-                s1=None if s1 is None else read_window(s1, file.s1_path, tile_window).astype(np.float32),
+                mask=source.read_mask(file, labels, tile_window),
+                s1=None if read_s1 is None else read_s1(tile_window).astype(np.float32),
             )
             georeferenced = image.crs is not None
             yield LocatedTile(
@@ -282,8 +171,8 @@ def _bounds(window: Window, transform: Affine) -> tuple[float, float, float, flo
     return (min(left, right), min(top, bottom), max(left, right), max(top, bottom))
 
 
-def load_tile(row: Mapping[str, Any]) -> Tile:
-    """The tile of one index row (any source), read through its window."""
+def load_tile(row: pd.Series | Mapping[str, Any], source: Source) -> Tile:
+    """The tile of one index row of `source`'s index, read through its window."""
     window = Window(int(row["col_off"]), int(row["row_off"]), int(row["width"]), int(row["height"]))
     label_path = row["label_path"]
     file = SourceFile(
@@ -291,7 +180,7 @@ def load_tile(row: Mapping[str, Any]) -> Tile:
         label_path=Path(label_path) if isinstance(label_path, str) and label_path else None,
         class_id=int(row["majority_class"]),
     )
-    (located,) = read_tiles(str(row["source"]), file, window=window)
+    (located,) = read_tiles(source, file, window=window)
     return _without_non_finite(located.tile)
 
 
@@ -303,34 +192,6 @@ def _without_non_finite(tile: Tile) -> Tile:
     return dataclasses.replace(tile, mask=np.where(finite, tile.mask, IGNORE_INDEX).astype(np.uint8))
 
 
-def read_sen12ms(
-    s2_path: str | Path,
-    lc_path: str | Path,
-    s1_path: str | Path | None = None,
-    window: Window | None = None,
-) -> Tile:
-    """One SEN12MS patch: s2 scaled, lc band 1 (IGBP) as DFC-10 ids, s1 in dB when given."""
-    file = SourceFile(Path(s2_path), Path(lc_path), Path(s1_path) if s1_path else None)
-    return _one("sen12ms", file, window, with_s1=s1_path is not None)
-
-
-def read_deepglobe(
-    sat_path: str | Path, mask_path: str | Path, window: Window | None = None
-) -> Tile:
-    """A DeepGlobe image (or a window of it) with its mask decoded to DEEPGLOBE ids."""
-    return _one("deepglobe", SourceFile(Path(sat_path), Path(mask_path)), window)
-
-
-def read_folder_patch(path: str | Path, class_id: int, window: Window | None = None) -> Tile:
-    """A class-folder patch: the mask is its folder's class everywhere."""
-    return _one("folder", SourceFile(Path(path), class_id=class_id), window)
-
-
-def _one(source: str, file: SourceFile, window: Window | None, *, with_s1: bool = False) -> Tile:
-    (located,) = read_tiles(source, file, window=window, with_s1=with_s1)
-    return located.tile
-
-
 def _open(stack: contextlib.ExitStack, path: Path) -> DatasetReader:
     try:
         return stack.enter_context(rasterio.open(path))
@@ -338,37 +199,22 @@ def _open(stack: contextlib.ExitStack, path: Path) -> DatasetReader:
         raise DataError(path, f"cannot be opened as a raster ({_reason(error)})") from None
 
 
-def _open_partner(
-    stack: contextlib.ExitStack,
-    image_path: Path,
-    path: Path | None,
-    image: DatasetReader,
-    role: str,
-) -> DatasetReader | None:
-    """Open the label or s1 file of an image; it must exist and cover the same pixel grid."""
-    if path is None:
-        return None
+def _open_beside(stack: contextlib.ExitStack, image_path: Path, path: Path, role: str) -> DatasetReader:
+    """Open the label or s1 file of an image; it must exist."""
     if not path.exists():
         raise DataError(image_path, f"has no {role} file beside it (expected {path})")
-    partner = _open(stack, path)
+    return _open(stack, path)
+
+
+def check_same_size(image_path: Path, image: DatasetReader, path: Path, partner: DatasetReader) -> None:
+    """DataError when the file `path` that goes with an image (its labels, its s1) does not cover
+    the image's pixel grid: another width or height."""
     if (partner.height, partner.width) != (image.height, image.width):
         raise DataError(
             path,
             f"is {partner.width}x{partner.height} px but its image {image_path.name} is "
             f"{image.width}x{image.height} px",
         )
-    return partner
-
-
-def _check_image(source: str, path: Path, image: DatasetReader) -> None:
-    if source == "sen12ms" and image.count != len(S2_BANDS):
-        raise DataError(
-            path, f"has {image.count} bands; SEN12MS s2 patches have 13 ({', '.join(S2_BANDS)})"
-        )
-    if source == "deepglobe" and image.count != len(RGB_BANDS):
-        raise DataError(path, f"has {image.count} bands; DeepGlobe images are RGB")
-    if source != "deepglobe" and image.crs is None:
-        raise DataError(path, "has no CRS; SEN12MS and class-folder patches must be georeferenced")
 
 
 def read_window(
@@ -430,61 +276,3 @@ def has_data(dataset: DatasetReader, indexes: Sequence[int], rows: int = 256) ->
 def _reason(error: Exception) -> str:
     """GDAL's own message: rasterio often puts it in the cause ("See previous exception")."""
     return str(error.__cause__ or error)
-
-
-def _mask(
-    source: str, file: SourceFile, labels: DatasetReader | None, window: Window
-) -> np.ndarray:
-    """The class ids of a window: IGBP -> DFC-10, DeepGlobe colours -> ids, or the folder class."""
-    if source == "folder":
-        return np.full((window.height, window.width), file.class_id, dtype=np.uint8)
-    if labels is None or file.label_path is None:
-        raise DataError(file.path, f"a {source} image needs a label file")
-    if source == "sen12ms":
-        igbp = read_window(labels, file.label_path, window, 1)
-        return IGBP_TO_DFC10[np.minimum(igbp, IGNORE_INDEX)]
-    if labels.count < 3:
-        raise DataError(file.label_path, f"has {labels.count} bands; DeepGlobe masks are RGB")
-    return decode_deepglobe_mask(read_window(labels, file.label_path, window, [1, 2, 3]), file.label_path)
-
-
-def _deepglobe_lookup() -> np.ndarray:
-    """Class id of each thresholded colour code r*4 + g*2 + b; -1 for a colour of no class."""
-    lookup = np.full(8, -1, dtype=np.int16)
-    for class_id, colour in enumerate(DEEPGLOBE.colors):
-        lookup[_colour_code(colour)] = class_id
-    lookup[_colour_code(DEEPGLOBE_UNKNOWN_COLOR)] = IGNORE_INDEX
-    return lookup
-
-
-def _colour_code(colour: tuple[int, int, int]) -> int:
-    red, green, blue = (int(value >= 128) for value in colour)
-    return red * 4 + green * 2 + blue
-
-
-_DEEPGLOBE_LOOKUP = _deepglobe_lookup()
-
-
-def decode_deepglobe_mask(rgb: np.ndarray, path: str | Path) -> np.ndarray:
-    """(3, H, W) mask colours -> DEEPGLOBE ids (Unknown -> 255), thresholding each channel at 128
-    as the release's impure colours need; DataError for colours that match no class."""
-    high = rgb >= 128
-    codes = high[0] * 4 + high[1] * 2 + high[2]
-    ids = _DEEPGLOBE_LOOKUP[codes]
-    wrong = ids < 0
-    if wrong.any():
-        row, col = np.argwhere(wrong)[0]
-        raise DataError(
-            path,
-            f"{int(wrong.sum())} pixels have a colour that is no DeepGlobe class, e.g. "
-            f"{tuple(int(v) for v in rgb[:, row, col])} at row {row}, column {col}",
-        )
-    distance = np.abs(rgb.astype(np.int16) - np.where(high, 255, 0)).max(axis=0)
-    far_share = float((distance >= DEEPGLOBE_FAR).mean())
-    if far_share > DEEPGLOBE_MAX_FAR_SHARE:
-        raise DataError(
-            path,
-            f"{far_share:.1%} of pixels are far from every DeepGlobe class colour; "
-            "is this a DeepGlobe mask?",
-        )
-    return ids.astype(np.uint8)

@@ -9,6 +9,7 @@ and are always in the report: random init (the first run's architecture with fre
 budget picked on validation like the others') and the classical per-pixel logistic regression
 (`pixel`), so every report shows whether the networks beat it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from pipeline.protocol import (
     Budget,
     EpisodeShape,
     Protocol,
+    is_task,
     load_split_index,
     pick_budget,
     score_candidate,
@@ -85,8 +87,10 @@ def evaluate(
     config: EvaluateConfig = EvaluateConfig(),
     *,
     progress: bool = True,
+    root: Path | None = None,
 ) -> EvaluationReport:
-    """Score each run and random init on the test split; write results.csv, report.md, the plot."""
+    """Score each run and random init on the test split; write results.csv, report.md, the plot.
+    `root`: the dataset's folder when it is no longer where the index says."""
     if not run_dirs:
         raise DataError(index_path, "evaluate needs at least one run directory (--runs)")
     check_output_folder(out_dir, "--out")
@@ -96,18 +100,22 @@ def evaluate(
     for run_dir, run in zip(run_dirs, runs):
         if run.config.task != first.task or run.config.class_names != first.class_names:
             raise DataError(
-                run_dir, f"is a {run.config.task} run over other classes than {run_dirs[0]} "
-                f"({first.task}); compare runs of one task and class scheme"
+                run_dir,
+                f"is a {run.config.task} run over other classes than {run_dirs[0]} "
+                f"({first.task}); compare runs of one task and class scheme",
             )
     task = first.task
+    if not is_task(task):
+        raise DataError(run_dirs[0], f"is a run of task {task!r}; evaluate scores classification and segmentation runs")
     for run_dir, run in zip(run_dirs, runs):
         if run.config.finetune_steps is None:
             raise DataError(run_dir, "has no fine-tuning budget: its training did not finish (run it again)")
     methods: list[Candidate] = [
-        candidate for name, run_dir, run in zip(_names(run_dirs, runs), run_dirs, runs)
+        candidate
+        for name, run_dir, run in zip(_names(run_dirs, runs), run_dirs, runs)
         for candidate in run_candidates(run, name, source=str(run_dir))
     ]
-    data = load_split_index(index_path)
+    data = load_split_index(index_path, root)
     for run_dir, run in zip(run_dirs, runs):
         if tuple(run.config.class_names) != data.class_names:
             raise DataError(run_dir, f"was trained on other classes than the index {index_path}")
@@ -116,7 +124,9 @@ def evaluate(
     # segmentation samplers label at least one pixel per class, even for a 0-shot-only report
     least = 1 if task == "segmentation" else 0
     shape = EpisodeShape(
-        n_way=config.n_way, k_shot=max(max(config.shots), least), q_queries=config.q_queries,
+        n_way=config.n_way,
+        k_shot=max(max(config.shots), least),
+        q_queries=config.q_queries,
         query_tiles=config.query_tiles,
     )
     protocol = config.protocol or ("scene" if task == "segmentation" else "episode")
@@ -131,11 +141,13 @@ def evaluate(
     random_budget = pick_budget(
         random_model, validation, step_grid=grid, shots=(SCENE_SHOTS,) if protocol == "scene" else (1, 5)
     )
-    methods.append(FinetuneCandidate(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))  # type: ignore[arg-type]
+    assert random_budget.lr is not None  # given no learned rates, pick_budget picks one of its fixed rates
+    methods.append(FinetuneCandidate(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))
     methods.append(PixelCandidate())
     budgets = {
         m.name: Budget(m.steps, m.lr if isinstance(m.lr, float) else None, float("nan"))
-        for m in methods if isinstance(m, FinetuneCandidate)
+        for m in methods
+        if isinstance(m, FinetuneCandidate)
     }
     per_iteration = {
         candidate.name: run.config.seconds_per_iteration
@@ -148,16 +160,20 @@ def evaluate(
     bar = tqdm(total=len(methods) * len(config.shots) * len(test), desc="evaluate", disable=not progress)
     for method in methods:
         for shots in config.shots:
-            per_episode, seconds = [], []
+            per_episode: list[dict[str, float]] = []
+            seconds: list[float] = []
             for number, episode in enumerate(test):
                 cut = fewer_shots(episode, shots, seed=number)
                 per_episode.append(score_candidate(method, cut, seconds))
                 bar.update(1)
             row = _summarise(method.name, shots, per_episode, segmentation=task == "segmentation")
-            rows.append({
-                **row, "adapt_seconds": float(np.mean(seconds)),
-                "train_seconds_per_iteration": per_iteration.get(method.name) or float("nan"),
-            })
+            rows.append(
+                {
+                    **row,
+                    "adapt_seconds": float(np.mean(seconds)),
+                    "train_seconds_per_iteration": per_iteration.get(method.name) or float("nan"),
+                }
+            )
     bar.close()
     results = pd.DataFrame(rows)
     notes = _notes(methods, task, config, len(test), protocol)
@@ -169,14 +185,19 @@ def margins(results: pd.DataFrame) -> pd.DataFrame:
     """Per shot count: the best trained candidate, its accuracy, the classical baseline's, and the
     margin between them (positive: the learner beats the classical baseline)."""
     rows = []
-    for shots, group in results.groupby("shots"):
+    for _, group in results.groupby("shots"):
         trained = group[~group["method"].isin([PIXEL, RANDOM_INIT])]
         best = trained.loc[trained["accuracy"].idxmax()]
         classical = float(group.loc[group["method"] == PIXEL, "accuracy"].item())
-        rows.append({
-            "shots": int(shots), "best": best["method"], "accuracy": float(best["accuracy"]),
-            "classical": classical, "margin": float(best["accuracy"]) - classical,
-        })
+        rows.append(
+            {
+                "shots": int(group["shots"].iloc[0]),
+                "best": best["method"],
+                "accuracy": float(best["accuracy"]),
+                "classical": classical,
+                "margin": float(best["accuracy"]) - classical,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -206,15 +227,11 @@ def _summarise(method: str, shots: int, per_episode: list[dict[str, float]], *, 
     return row
 
 
-def _notes(
-    methods: Sequence[Candidate], task: str, config: EvaluateConfig, episodes: int, protocol: str
-) -> str:
-    how = "; ".join(
-        f"{m.name}: " + ", ".join(f"{key} {value}" for key, value in m.describe().items()) for m in methods
-    )
+def _notes(methods: Sequence[Candidate], task: str, config: EvaluateConfig, episodes: int, protocol: str) -> str:
+    how = "; ".join(f"{m.name}: " + ", ".join(f"{key} {value}" for key, value in m.describe().items()) for m in methods)
     unit = "labelled pixels per class" if task == "segmentation" else "labelled tiles per class"
     return (
-        f"{episodes} test episodes (seed {config.seed}, {protocol} protocol), shots = {unit}; every method is scored on "
-        f"the same episodes. Fine-tuning budgets were picked on validation regions; heads and the "
+        f"{episodes} test episodes (seed {config.seed}, {protocol} protocol), shots = {unit}; every method is scored "
+        f"on the same episodes. Fine-tuning budgets were picked on validation regions; heads and the "
         f"pixel classifier need none (with 0 shots they know no class: chance). {how}."
     )

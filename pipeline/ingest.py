@@ -1,4 +1,5 @@
 """The ingest step: index a dataset's tiles into a GeoParquet file (CLI and Prefect flows call it)."""
+
 from __future__ import annotations
 
 import time
@@ -8,7 +9,9 @@ from pathlib import Path
 from geo.atomic import check_output_file
 from geo.errors import DataError
 from geo.index import FileIndex, IndexResult, Skipped, assemble, build_index, index_file, write_index
-from geo.readers import Dataset, SourceFile, discover
+from geo.readers import SourceFile
+from geo.sources import as_source
+from geo.sources.base import Dataset, Source
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class IngestSummary:
 
 
 def ingest(
-    source: str,
+    source: Source | str,
     root: str | Path,
     out: str | Path,
     *,
@@ -56,16 +59,16 @@ class IngestPlan:
     start: float
 
 
-def plan_ingest(source: str, root: str | Path, *, files_per_part: int = 32) -> IngestPlan:
+def plan_ingest(source: Source | str, root: str | Path, *, files_per_part: int = 32) -> IngestPlan:
     """List the dataset's files (sorted) and cut them into parts indexed one task each."""
     start = time.time()
-    dataset = discover(source, Path(root).resolve())
+    dataset = as_source(source).discover(Path(root).resolve())
     files = dataset.files
     parts = [files[i : i + files_per_part] for i in range(0, len(files), files_per_part)]
     return IngestPlan(dataset, parts, start)
 
 
-def index_part(source: str, files: list[SourceFile], *, grid: int, num_classes: int) -> list[FileIndex]:
+def index_part(source: Source, files: list[SourceFile], *, grid: int, num_classes: int) -> list[FileIndex]:
     """Index rows of some of a dataset's files (see `geo.index.index_file`)."""
     return [index_file(source, file, grid=grid, num_classes=num_classes) for file in files]
 

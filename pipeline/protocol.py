@@ -4,13 +4,14 @@ one, and how its test-time fine-tuning budget is picked (on validation regions, 
 Training uses the same pieces for early stopping, so "better on validation" means the same thing
 when training and when choosing the budget.
 """
+
 from __future__ import annotations
 
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeGuard, get_args
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,8 @@ from torch import nn
 
 from geo.errors import DataError
 from geo.index import read_index
+from geo.sources import index_source
+from geo.sources.base import Source
 from models.finetune import finetune, predict
 from models.maml import Schedule
 from models.metrics import episode_scores
@@ -36,6 +39,12 @@ from tasks.episodes import (
 
 Task = Literal["classification", "segmentation"]
 Protocol = Literal["episode", "scene"]
+
+
+def is_task(value: str) -> TypeGuard[Task]:
+    """Whether a task name (as a run's config.json records it) is one of `Task`."""
+    return value in get_args(Task)
+
 
 FINETUNE_STEPS = (3, 10, 25)
 FINETUNE_LRS = (0.01, 0.03, 0.1, 0.3)
@@ -86,8 +95,8 @@ class SplitIndex:
         return tuple(self.metadata["bands"])
 
     @property
-    def source(self) -> str:
-        return str(self.metadata["source"])
+    def source(self) -> Source:
+        return self.tiles.source
 
     def band_statistics(self, split: str = "train") -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-band mean and standard deviation of a split's pixels, from the index's per-tile
@@ -113,21 +122,37 @@ class SplitIndex:
             return SceneSampler(rows, self.tiles, k_shot=shape.k_shot, class_names=self.class_names)
         if task == "classification":
             return ClassificationSampler(
-                rows, self.tiles, n_way=shape.n_way, k_shot=shape.k_shot,
-                q_queries=shape.q_queries, class_names=self.class_names,
+                rows,
+                self.tiles,
+                n_way=shape.n_way,
+                k_shot=shape.k_shot,
+                q_queries=shape.q_queries,
+                class_names=self.class_names,
             )
-        if self.source == "deepglobe":
+        if self.source.dense_episodes:
             return DenseSegmentationSampler(
-                rows, self.tiles, k_shot=shape.k_shot, query_tiles=shape.query_tiles,
+                rows,
+                self.tiles,
+                k_shot=shape.k_shot,
+                query_tiles=shape.query_tiles,
                 class_names=self.class_names,
             )
         return SegmentationSampler(
-            rows, self.tiles, n_way=shape.n_way, k_shot=shape.k_shot,
-            query_tiles=shape.query_tiles, class_names=self.class_names,
+            rows,
+            self.tiles,
+            n_way=shape.n_way,
+            k_shot=shape.k_shot,
+            query_tiles=shape.query_tiles,
+            class_names=self.class_names,
         )
 
     def episodes(
-        self, split: str, task: Task, shape: EpisodeShape, count: int, seed: int,
+        self,
+        split: str,
+        task: Task,
+        shape: EpisodeShape,
+        count: int,
+        seed: int,
         protocol: Protocol = "episode",
     ) -> list[Episode]:
         """`count` seeded episodes of one split (the same list for every method)."""
@@ -139,29 +164,45 @@ class SplitIndex:
             raise DataError(self.path, f"{split} split: {error}") from None
 
 
-def load_split_index(path: Path) -> SplitIndex:
-    """Read an index that `landcover regions` has given regions and splits."""
-    frame, metadata = read_index(path)
+def load_split_index(path: Path, root: Path | None = None) -> SplitIndex:
+    """Read an index that `landcover regions` has given regions and splits; `root`: the dataset's
+    folder when it is no longer where the index says (see `geo.index.read_index`)."""
+    frame, metadata = read_index(path, root)
     if "split" not in frame.columns or "region" not in frame.columns:
         raise DataError(path, "the index has no regions/splits yet: run `landcover regions` first")
+    if metadata.get("root") and not Path(metadata["root"]).is_dir():
+        raise DataError(
+            path, f"its dataset folder {metadata['root']} is not there (moved?): give its new place with --root"
+        )
     frame = frame.reset_index(drop=True)
-    return SplitIndex(path=Path(path), frame=frame, metadata=metadata, tiles=TileCache(frame))
+    return SplitIndex(path=Path(path), frame=frame, metadata=metadata, tiles=TileCache(frame, index_source(metadata)))
 
 
-def score_episode(
-    model: nn.Module, episode: Episode, *, steps: int, lr: Schedule, seed: int = 0
-) -> dict[str, float]:
+def score_episode(model: nn.Module, episode: Episode, *, steps: int, lr: Schedule, seed: int = 0) -> dict[str, float]:
     """Fine-tune on the support set, predict the query set, score it."""
     return score_queries(_tune(model, episode, steps, lr, seed), episode)
 
 
 def _tune(
-    model: nn.Module, episode: Episode, steps: int, lr: Schedule, seed: int,
-    *, only: Collection[str] | None = None, first_step: int = 0,
+    model: nn.Module,
+    episode: Episode,
+    steps: int,
+    lr: Schedule,
+    seed: int,
+    *,
+    only: Collection[str] | None = None,
+    first_step: int = 0,
 ) -> nn.Module:
     return finetune(
-        model, episode.support_images, episode.support_labels, episode.classes,
-        steps=steps, lr=lr, seed=seed, only=only, first_step=first_step,
+        model,
+        episode.support_images,
+        episode.support_labels,
+        episode.classes,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        only=only,
+        first_step=first_step,
     )
 
 
@@ -169,7 +210,9 @@ def score_queries(model: nn.Module, episode: Episode) -> dict[str, float]:
     """Scores of an (already fine-tuned) model on an episode's query set."""
     predicted = predict(model, episode.query_images, episode.classes).argmax(axis=1)
     return episode_scores(
-        episode.query_labels, predicted, len(episode.classes),
+        episode.query_labels,
+        predicted,
+        len(episode.classes),
         segmentation=episode.query_labels.ndim > 1,
     )
 
@@ -179,9 +222,7 @@ def episode_support(episode: Episode) -> Support:
     return Support(episode.support_images, episode.support_labels, episode.classes)
 
 
-def score_candidate(
-    candidate: Candidate, episode: Episode, fit_seconds: list[float] | None = None
-) -> dict[str, float]:
+def score_candidate(candidate: Candidate, episode: Episode, fit_seconds: list[float] | None = None) -> dict[str, float]:
     """Fit a candidate on the support set, predict the query set, score it; the fit's wall time
     is appended to `fit_seconds` when given."""
     started = time.perf_counter()
@@ -190,7 +231,9 @@ def score_candidate(
         fit_seconds.append(time.perf_counter() - started)
     predicted = predictor(episode.query_images).argmax(axis=1)
     return episode_scores(
-        episode.query_labels, predicted, len(episode.classes),
+        episode.query_labels,
+        predicted,
+        len(episode.classes),
         segmentation=episode.query_labels.ndim > 1,
     )
 
@@ -200,14 +243,16 @@ def mean_candidate_accuracy(candidate: Candidate, episodes: Sequence[Episode]) -
     return float(np.mean([score_candidate(candidate, episode)["accuracy"] for episode in episodes]))
 
 
-def mean_accuracy(
-    model: nn.Module, episodes: Sequence[Episode], *, steps: int, lr: Schedule
-) -> float:
+def mean_accuracy(model: nn.Module, episodes: Sequence[Episode], *, steps: int, lr: Schedule) -> float:
     """Mean query accuracy over episodes after fine-tuning: the validation score."""
-    return float(np.mean([
-        score_episode(model, episode, steps=steps, lr=lr, seed=number)["accuracy"]
-        for number, episode in enumerate(episodes)
-    ]))
+    return float(
+        np.mean(
+            [
+                score_episode(model, episode, steps=steps, lr=lr, seed=number)["accuracy"]
+                for number, episode in enumerate(episodes)
+            ]
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -233,14 +278,13 @@ def pick_budget(
     A model with learned inner rates (MAML and its relatives) also tries its own rates at each
     step count; `only` fine-tunes those parameters alone (ANIL).
     """
-    rates: list[float | None] = list(FINETUNE_LRS) + ([None] if learned_rates else [])
-    cut = [
-        (number, fewer_shots(episode, k, seed=number))
-        for k in shots for number, episode in enumerate(episodes)
-    ]
+    # (the rate reported, the rate fine-tuned at): None reports the learned rates
+    rates: list[tuple[float | None, Schedule]] = [(lr, lr) for lr in FINETUNE_LRS]
+    if learned_rates:
+        rates.append((None, learned_rates))
+    cut = [(number, fewer_shots(episode, k, seed=number)) for k in shots for number, episode in enumerate(episodes)]
     best: Budget | None = None
-    for lr in rates:
-        rate = learned_rates if lr is None else lr
+    for lr, rate in rates:
         totals = np.zeros(len(step_grid))
         for number, episode in cut:
             # full-batch SGD has no state, so the step counts of the grid are one run's checkpoints

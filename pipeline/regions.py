@@ -1,4 +1,5 @@
 """The `regions` step: name each tile's region, split regions into train/val/test, save both."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,8 @@ import yaml
 from geo.atomic import check_output_file
 from geo.errors import DataError
 from geo.index import read_index, write_index
+from geo.sources import index_source
+from geo.sources.base import Source
 from tasks.regions import plot_regions, regions_by_kmeans, regions_by_metadata, tile_features
 from tasks.splits import SPLITS, split_by_fractions, split_explicit, split_groups
 
@@ -32,13 +35,13 @@ class RegionsSummary:
     """KMeans: what was clustered (`tile`, or the column whose rows were clustered together)."""
 
 
-def kmeans_unit(frame: pd.DataFrame, column: str | None) -> str | None:
-    """The column whose rows KMeans clusters as one unit: `column`, else the DeepGlobe image id
-    (`scene`), as the authors cluster whole images; None clusters single tiles."""
+def kmeans_unit(frame: pd.DataFrame, column: str | None, source: Source) -> str | None:
+    """The column whose rows KMeans clusters as one unit: `column`, else the source's (the image
+    id of DeepGlobe and pairs tiles, as the authors cluster whole images); None: single tiles."""
     if column is not None:
         return column
-    if set(frame["source"]) == {"deepglobe"} and "scene" in frame.columns:
-        return "scene"
+    if source.kmeans_unit is not None and source.kmeans_unit in frame.columns:
+        return source.kmeans_unit
     return None
 
 
@@ -51,6 +54,7 @@ def build_regions(
     k: int | None = None,
     split: Sequence[float] | Mapping[str, Sequence[str]] = (0.6, 0.2, 0.2),
     seed: int = 0,
+    root: Path | None = None,
 ) -> RegionsSummary:
     """Add `region` and `split` columns to the index at `index_path` and write it to `out`.
 
@@ -59,24 +63,29 @@ def build_regions(
     silhouette); the rows sharing a value of `column` (default for DeepGlobe: the image id)
     are clustered as one unit. `split`: train/val/test fractions of region groups, or explicit
     lists of regions per split. Regions sharing a SEN12MS scene id always share a split.
+    `root`: the dataset's folder when it is no longer where the index says (see `read_index`).
     """
     index_path, out = Path(index_path), Path(out)
     check_output_file(out, "--out")
-    frame, metadata = read_index(index_path)
+    frame, metadata = read_index(index_path, root)
+    source = index_source(metadata)
     plot_path: Path | None = None
     unit: str | None = None
     try:
         if by == "metadata":
-            regions = regions_by_metadata(frame, column)
+            regions = regions_by_metadata(frame, source, column)
             description: dict[str, Any] = {"method": "metadata", "column": column}
         elif by == "kmeans":
             features = tile_features(frame)
-            unit = kmeans_unit(frame, column)
+            unit = kmeans_unit(frame, column, source)
             if unit is not None and unit not in frame.columns:
                 raise ValueError(f"no column {unit!r} in the index to cluster by")
             clusters = regions_by_kmeans(
-                features, k=k, seed=seed,
-                groups=None if unit is None else frame[unit].to_numpy(dtype=object), unit=unit,
+                features,
+                k=k,
+                seed=seed,
+                groups=None if unit is None else frame[unit].to_numpy(dtype=object),
+                unit=unit,
             )
             regions = clusters.names()
             description = clusters.metadata()
@@ -85,7 +94,7 @@ def build_regions(
         else:
             raise ValueError(f"unknown region method {by!r}; use metadata or kmeans")
         regions.index = frame.index
-        groups = split_groups(frame, regions)
+        groups = split_groups(frame, regions, source.split_together)
         if isinstance(split, Mapping):
             splits = split_explicit(regions, split, groups)
             description["split"] = {name: sorted(map(str, split.get(name, ()))) for name in SPLITS}

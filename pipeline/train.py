@@ -8,6 +8,7 @@ run started again on the same directory continues from there and ends where an u
 would. Early stopping keeps the weights of the best validation score; at the end the fine-tuning
 budget is picked on the validation regions and stored with the weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from geo.atomic import check_output_folder
 from geo.errors import DataError
-from models.backbones import arch_preset, build_model
+from models.backbones import arch_preset, build_model, last_layer_names
 from models.checkpoint import (
     CONFIG,
     LoadedRun,
@@ -34,7 +35,6 @@ from models.checkpoint import (
     save_run,
     save_train_state,
 )
-from models.backbones import last_layer_names
 from models.device import pick_device
 from models.learner import FINETUNE_ADAPTATIONS, Learner, LearnerSettings
 from models.learners import LEARNERS
@@ -102,8 +102,14 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         at_least = {
-            "iterations": 1, "validate_every": 1, "validation_episodes": 1, "patience": 1,
-            "checkpoint_every": 1, "meta_batch": 1, "batch_size": 1, "inner_steps": 0,
+            "iterations": 1,
+            "validate_every": 1,
+            "validation_episodes": 1,
+            "patience": 1,
+            "checkpoint_every": 1,
+            "meta_batch": 1,
+            "batch_size": 1,
+            "inner_steps": 0,
         }
         for name, least in at_least.items():
             if getattr(self, name) < least:
@@ -114,18 +120,21 @@ class TrainConfig:
         if not 0 <= self.second_order_from <= 1:
             raise ValueError(f"second_order_from must be within 0..1, got {self.second_order_from}")
         if self.shape.k_shot < 1 or (self.task == "classification" and self.shape.q_queries < 1):
-            raise ValueError(
-                "shape: training episodes need at least 1 shot (and, for classification, 1 query)"
-            )
+            raise ValueError("shape: training episodes need at least 1 shot (and, for classification, 1 query)")
 
     def settings(self) -> dict:
         return dataclasses.asdict(self)
 
     def learner_settings(self) -> LearnerSettings:
         return LearnerSettings(
-            inner_steps=self.inner_steps, inner_lr=self.inner_lr, learn_inner_lr=self.learn_inner_lr,
-            outer_lr=self.lr, rate_lr=self.rate_lr, iterations=self.iterations,
-            reptile_step=self.reptile_step, reptile_inner_lr=self.reptile_inner_lr,
+            inner_steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+            learn_inner_lr=self.learn_inner_lr,
+            outer_lr=self.lr,
+            rate_lr=self.rate_lr,
+            iterations=self.iterations,
+            reptile_step=self.reptile_step,
+            reptile_inner_lr=self.reptile_inner_lr,
             second_order_from=self.second_order_from,
         )
 
@@ -156,9 +165,15 @@ class _Progress:
 
 
 def train(
-    index_path: Path, out_dir: Path, config: TrainConfig = TrainConfig(), *, progress: bool = True
+    index_path: Path,
+    out_dir: Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    progress: bool = True,
+    root: Path | None = None,
 ) -> TrainSummary:
     """Train `config.method` on the train split of the index; write weights and config.json.
+    `root`: the dataset's folder when it is no longer where the index says.
 
     A directory that already holds a run with the same settings continues it (from its last
     checkpoint) and ends with the weights an uninterrupted run would have; one with other
@@ -166,17 +181,23 @@ def train(
     """
     out_dir = Path(out_dir)
     check_output_folder(out_dir, "--out")
-    data = load_split_index(index_path)
+    data = load_split_index(index_path, root)
     mean, std = data.band_statistics("train")
     arch = dataclasses.replace(
         arch_preset(config.size, config.task, len(data.bands), len(data.class_names)),
-        input_mean=mean, input_std=std,
+        input_mean=mean,
+        input_std=std,
     )
     run_config = RunConfig(
-        method=config.method, task=config.task, arch=arch,
-        class_names=data.class_names, class_colors=data.class_colors, bands=data.bands,
+        method=config.method,
+        task=config.task,
+        arch=arch,
+        class_names=data.class_names,
+        class_colors=data.class_colors,
+        bands=data.bands,
         normalisation={"clip": [0, 10000], "divide": 10000, "uint8_divide": 255},
-        seed=config.seed, settings=config.settings(),
+        seed=config.seed,
+        settings=config.settings(),
     )
     saved = _saved_progress(out_dir, run_config)  # refuse a foreign run before any work
     device = pick_device(config.device)
@@ -184,9 +205,7 @@ def train(
     model = build_model(arch, seed=config.seed).to(device)
     if config.init_from is not None:
         model.load_state_dict(_initial_weights(Path(config.init_from), arch))
-    val_episodes = data.episodes(
-        "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1
-    )
+    val_episodes = data.episodes("val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1)
     trainer = _Trainer(LEARNERS[config.method](model, config.learner_settings()), data, config)
     run_config = dataclasses.replace(run_config, **trainer.learner.run_fields())
     if saved is None:
@@ -198,16 +217,20 @@ def train(
     start = load_train_state(out_dir, trainer.module, trainer.optimizer)
     if start > config.iterations:
         raise DataError(
-            out_dir, f"holds a run already trained for {start} iterations, more than the "
-            f"{config.iterations} asked for; pick a new --out or ask for at least {start}"
+            out_dir,
+            f"holds a run already trained for {start} iterations, more than the "
+            f"{config.iterations} asked for; pick a new --out or ask for at least {start}",
         )
     started = time.perf_counter()
     iteration = start
     stopped = _stale(iteration, state, config)
     # the bar ends its line even when a step fails (e.g. a full disk), before the error's line
     with tqdm(
-        total=config.iterations, initial=start, desc=f"train {config.method}",
-        disable=not progress, dynamic_ncols=True,
+        total=config.iterations,
+        initial=start,
+        desc=f"train {config.method}",
+        disable=not progress,
+        dynamic_ncols=True,
     ) as bar:
         while iteration < config.iterations and not stopped:
             loss = trainer.step(iteration)
@@ -229,16 +252,24 @@ def train(
     done = iteration - start
     per_iteration = seconds / done if done else load_config(out_dir).seconds_per_iteration
     final = dataclasses.replace(
-        load_config(out_dir), finetune_steps=budget.steps, finetune_lr=budget.lr,
+        load_config(out_dir),
+        finetune_steps=budget.steps,
+        finetune_lr=budget.lr,
         seconds_per_iteration=per_iteration,
     )
     save_run(out_dir, best.model, final, best.inner_lrs)
     return TrainSummary(
-        run_dir=out_dir, method=config.method, iterations=iteration,
-        best_iteration=state.best_iteration, validation_accuracy=state.best_score,
-        finetune_steps=budget.steps, finetune_lr=budget.lr, seconds=seconds,
+        run_dir=out_dir,
+        method=config.method,
+        iterations=iteration,
+        best_iteration=state.best_iteration,
+        validation_accuracy=state.best_score,
+        finetune_steps=budget.steps,
+        finetune_lr=budget.lr,
+        seconds=seconds,
         iterations_per_second=done / seconds if seconds > 0 and done else 0.0,
-        adaptation=LEARNERS[config.method].adaptation, resumed_from=start,
+        adaptation=LEARNERS[config.method].adaptation,
+        resumed_from=start,
     )
 
 
@@ -259,7 +290,12 @@ def _pick_budget(best: LoadedRun, data: SplitIndex, config: TrainConfig, val_epi
         "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1, protocol="scene"
     )
     return pick_budget(
-        best.model, scenes, learned_rates=rates, shots=(SCENE_SHOTS,), step_grid=SCENE_FINETUNE_STEPS, only=only,
+        best.model,
+        scenes,
+        learned_rates=rates,
+        shots=(SCENE_SHOTS,),
+        step_grid=SCENE_FINETUNE_STEPS,
+        only=only,
     )
 
 
@@ -285,8 +321,9 @@ def _saved_progress(out_dir: Path, run_config: RunConfig) -> _Progress | None:
     differences = _differences(_identity(saved), _identity(run_config))
     if differences:
         raise DataError(
-            out_dir, f"holds a run with other settings ({'; '.join(differences)}); pick a new "
-            "--out, or remove the folder to start over"
+            out_dir,
+            f"holds a run with other settings ({'; '.join(differences)}); pick a new "
+            "--out, or remove the folder to start over",
         )
     best = -1.0 if saved.validation_accuracy is None else saved.validation_accuracy
     return _Progress(best_score=best, best_iteration=saved.iterations)
@@ -329,9 +366,7 @@ def _comparable(settings: dict) -> dict:
     return {key: value for key, value in settings.items() if key not in ("iterations", "device")}
 
 
-def _save_best(
-    out_dir: Path, trainer: _Trainer, run_config: RunConfig, iteration: int, state: _Progress
-) -> None:
+def _save_best(out_dir: Path, trainer: _Trainer, run_config: RunConfig, iteration: int, state: _Progress) -> None:
     config = dataclasses.replace(
         run_config, iterations=iteration, validation_accuracy=state.best_score, **trainer.learner.run_fields()
     )
@@ -387,7 +422,8 @@ class _Trainer:
         fields = self.learner.run_fields()
         rates = self.learner.inner_rates()
         config = dataclasses.replace(
-            run_config, **fields,
+            run_config,
+            **fields,
             finetune_steps=fields.get("inner_steps", self.config.inner_steps),
             finetune_lr=None if rates else fields.get("inner_lr", self.config.inner_lr),
         )

@@ -11,19 +11,22 @@ so a model with one head over all classes restricts its logits to `logits[:, cla
 An episode is a pure function of (seed, region, episode number): every method is scored on the
 same episodes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from functools import lru_cache
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from geo.classes import IGNORE_INDEX
 from geo.readers import load_tile
+from geo.sources.base import Source
 
 
 class EpisodeError(ValueError):
@@ -52,29 +55,29 @@ class TileCache:
     on a subset of `frame` (one split's rows) keeps those labels, so it finds the right tiles.
     """
 
-    def __init__(self, frame: pd.DataFrame, max_tiles: int = 4096) -> None:
+    def __init__(self, frame: pd.DataFrame, source: Source, max_tiles: int = 4096) -> None:
         if not frame.index.is_unique:
             raise ValueError("TileCache needs a frame with unique index labels (reset_index first)")
         if frame.empty:
             raise ValueError("TileCache needs at least one tile")
-        self._rows = frame
+        self._rows, self.source = frame, source
         self._load = lru_cache(maxsize=max_tiles)(self._load_label)
 
-    def _load_label(self, label: object) -> tuple[np.ndarray, np.ndarray]:
-        tile = load_tile(self._rows.loc[label])
+    def _load_label(self, label: int) -> tuple[np.ndarray, np.ndarray]:
+        tile = load_tile(self._rows.loc[label], self.source)
         return tile.image, tile.mask
 
-    def _get(self, label: object) -> tuple[np.ndarray, np.ndarray]:
+    def _get(self, label: int | np.integer) -> tuple[np.ndarray, np.ndarray]:
         return self._load(label.item() if isinstance(label, np.generic) else label)
 
     def _first(self) -> tuple[np.ndarray, np.ndarray]:
         return self._get(self._rows.index[0])
 
-    def images(self, positions: Sequence[int]) -> np.ndarray:
+    def images(self, positions: Sequence[int] | npt.NDArray[np.integer]) -> np.ndarray:
         """float32 (B, C, H, W) of the tiles with these index labels."""
         return _stack([self._get(p)[0] for p in positions], lambda: self._first()[0].shape, np.float32)
 
-    def masks(self, positions: Sequence[int]) -> np.ndarray:
+    def masks(self, positions: Sequence[int] | npt.NDArray[np.integer]) -> np.ndarray:
         """uint8 (B, H, W) class ids (255 = ignore) of the tiles with these index labels."""
         return _stack([self._get(p)[1] for p in positions], lambda: self._first()[1].shape, np.uint8)
 
@@ -144,9 +147,7 @@ class ClassificationSampler:
         labelled = frame[frame["majority_class"] >= 0]
         # per region and class, the index labels of its tiles (the TileCache's keys)
         self._items: dict[str, dict[int, np.ndarray]] = {
-            str(region): {
-                int(cls): group.index.to_numpy() for cls, group in rows.groupby("majority_class")
-            }
+            str(region): {int(cls): group.index.to_numpy() for cls, group in rows.groupby("majority_class")}
             for region, rows in labelled.groupby("region")
         }
 
@@ -164,10 +165,7 @@ class ClassificationSampler:
             return None
         need = self.k_shot + self.q_queries
         if region not in self._items:
-            where = (
-                "has no labelled tiles" if region in self._all_regions
-                else "is not in this sampler's tiles"
-            )
+            where = "has no labelled tiles" if region in self._all_regions else "is not in this sampler's tiles"
             return f"region {region} {where}; it cannot supply a {self.n_way}-way episode"
         counts = {c: len(items) for c, items in self._items[region].items()}
         short = {c: n for c, n in counts.items() if n < need}
@@ -220,15 +218,14 @@ class _SegmentationBase:
     name the tiles in `tiles` (`frame` may be one split's rows of the cached index).
     """
 
-    def __init__(
-        self, frame: pd.DataFrame, tiles: TileCache, class_names: Sequence[str] | None
-    ) -> None:
+    def __init__(self, frame: pd.DataFrame, tiles: TileCache, class_names: Sequence[str] | None) -> None:
         self.tiles, self.class_names = tiles, class_names
         self._keys = frame.index.to_numpy()
         """Index label (TileCache key) of each row position."""
         self._counts = (
             np.stack([np.asarray(c, dtype=np.int64) for c in frame["class_counts"]])
-            if len(frame) else np.zeros((0, len(class_names or ())), np.int64)
+            if len(frame)
+            else np.zeros((0, len(class_names or ())), np.int64)
         )
         self._tiles_of: dict[str, np.ndarray] = {
             str(region): np.asarray(positions, dtype=np.int64)
@@ -275,9 +272,7 @@ class SegmentationSampler(_SegmentationBase):
         class_names: Sequence[str] | None = None,
     ) -> None:
         if n_way < 1 or k_shot < 1 or query_tiles < 1:
-            raise ValueError(
-                f"bad episode shape: {n_way}-way, {k_shot} pixels per class, {query_tiles} query tiles"
-            )
+            raise ValueError(f"bad episode shape: {n_way}-way, {k_shot} pixels per class, {query_tiles} query tiles")
         super().__init__(frame, tiles, class_names)
         self.n_way, self.k_shot, self.query_tiles = n_way, k_shot, query_tiles
 
@@ -390,8 +385,8 @@ class SceneSampler(_SegmentationBase):
     present, the points are spread over the scene, support windows (grid cells) hold only their
     own cell's labels and the map is scored on every other pixel. Validation on N-way episodes of
     a few small tiles does not resemble that, so a fine-tuning budget picked on them does not carry
-    over; episodes of this sampler do. One acquisition of the region is drawn (a SEN12MS
-    (season, scene); any other source's region is one scene), then up to `max_tiles` of its
+    over; episodes of this sampler do. One acquisition of the region is drawn (the source's
+    `acquisitions`: a SEN12MS (season, scene); any other source's region is one), then up to `max_tiles` of its
     tiles. The classes are all those with K + 1 labelled pixels over the tiles; K of each are
     labelled, spread over as many tiles as possible (round-robin), preferring pixels whose 3x3
     neighbourhood is of the same class, as a careful labeller would. Each tile holding a support
@@ -416,11 +411,14 @@ class SceneSampler(_SegmentationBase):
             raise ValueError(f"bad episode shape: {k_shot} pixels per class, at most {max_tiles} tiles")
         super().__init__(frame, tiles, class_names)
         self.k_shot, self.max_tiles = k_shot, max_tiles
-        sen12ms = frame["source"].eq("sen12ms") if "source" in frame else pd.Series(False, frame.index)
-        acquisition = (frame["season"].astype(str) + "/" + frame["scene"].astype(str)).where(sen12ms, "")
+        acquisition = tiles.source.acquisitions(frame)
         self._scenes: dict[str, list[np.ndarray]] = {}
         """Per region, the row positions of each acquisition."""
-        groups = frame.groupby([frame["region"].astype(str), acquisition.to_numpy()]).indices
+        # pandas-stubs give `indices` Hashable keys; grouped by two keys, they are (region, acquisition)
+        groups = cast(
+            "dict[tuple[str, Hashable], np.ndarray]",
+            frame.groupby([frame["region"].astype(str), acquisition.to_numpy()]).indices,
+        )
         for (region, _), positions in sorted(groups.items()):
             self._scenes.setdefault(region, []).append(np.asarray(positions, dtype=np.int64))
 
@@ -481,9 +479,7 @@ def _spread_pixels(labels: np.ndarray, label: int, count: int, rng: np.random.Ge
     all `label` first (a careful labeller keeps away from class edges), then at random."""
     same = np.pad(labels == label, ((0, 0), (1, 1), (1, 1)), mode="edge")
     height, width = labels.shape[1:]
-    interior = np.logical_and.reduce(
-        [same[:, r : r + height, c : c + width] for r in range(3) for c in range(3)]
-    )
+    interior = np.logical_and.reduce([same[:, r : r + height, c : c + width] for r in range(3) for c in range(3)])
     pixels = np.flatnonzero(labels == label)
     tile = pixels // (height * width)
     # within each tile: interior pixels first, then a random order; rank = place in its tile
@@ -530,9 +526,7 @@ def capable_regions(sampler: Sampler, regions: Sequence[str]) -> list[str]:
     return [region for region in regions if sampler.shortfall(region) is None]
 
 
-def sample_episodes(
-    sampler: Sampler, regions: Sequence[str], count: int, *, seed: int
-) -> Iterator[Episode]:
+def sample_episodes(sampler: Sampler, regions: Sequence[str], count: int, *, seed: int) -> Iterator[Episode]:
     """`count` episodes cycling over the capable regions in a seeded order.
 
     Episode i depends only on (seed, its region, i): the same list for every method.

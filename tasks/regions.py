@@ -1,10 +1,12 @@
 """Regions: the unit of a few-shot task, from the data's metadata or, where it has none, KMeans.
 
-A region is a place (and time) whose tiles share an appearance. SEN12MS has one per
-(season, scene); EuroSAT-style folders one per UTM zone (the EPSG code of the patch); DeepGlobe
-has no metadata, so its regions are clusters of *images* in a space of per-band statistics, as
-the authors did for its "clustered split": every tile of an image gets its image's region.
+A region is a place (and time) whose tiles share an appearance. Each source says what its
+metadata offers (`geo.sources.base.Source.regions`): SEN12MS one region per (season, scene),
+EuroSAT-style folders one per UTM zone (the EPSG code of the patch); DeepGlobe has no metadata,
+so its regions are clusters of *images* in a space of per-band statistics, as the authors did for
+its "clustered split": every tile of an image gets its image's region.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,41 +21,24 @@ from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
 from geo.atomic import atomic_output
+from geo.sources.base import Source, region_names
 
 K_RANGE = (2, 10)
 """The k tried when none is given; the one of best silhouette score wins."""
 
 
-def regions_by_metadata(frame: pd.DataFrame, column: str | None = None) -> pd.Series:
-    """Region names from metadata: a named column, else the source's natural unit of place.
+def regions_by_metadata(frame: pd.DataFrame, source: Source, column: str | None = None) -> pd.Series:
+    """Region names from metadata: a named column, else the source's natural unit of place
+    (`Source.regions`: a SEN12MS (season, scene), a UTM zone of class folders, a pairs image).
 
-    SEN12MS: `<season>/<scene id>`; EuroSAT-style folders: the CRS (`EPSG:326nn`, the UTM zone).
     Raises ValueError naming the problem (no such column, rows without a value, no metadata).
     """
     if column is not None:
         if column not in frame.columns:
             columns = ", ".join(map(str, frame.columns))
             raise ValueError(f"no column {column!r} in the index; columns: {columns}")
-        return _names(frame[column], f"column {column!r}")
-    sources = sorted(set(frame["source"]))
-    if sources == ["sen12ms"]:
-        season = _names(frame["season"], "column 'season'")
-        return (season + "/" + _names(frame["scene"], "column 'scene'")).rename("region")
-    if sources == ["folder"]:
-        return _names(frame["crs"], "column 'crs' (the UTM zone)")
-    hint = " (or --column scene: one region per image)" if sources == ["deepglobe"] else ""
-    raise ValueError(
-        f"source {', '.join(sources)} has no metadata that names regions: use --by kmeans{hint} "
-        "or name an index column with --column"
-    )
-
-
-def _names(values: pd.Series, what: str) -> pd.Series:
-    """Values as region names; an error when some rows have none (a region would be 'nan')."""
-    missing = int(values.isna().sum())
-    if missing:
-        raise ValueError(f"{what} has no value in {missing} of {len(values)} rows")
-    return values.astype(str).astype(object).rename("region")
+        return region_names(frame[column], f"column {column!r}")
+    return source.regions(frame)
 
 
 @dataclass
@@ -129,10 +114,8 @@ def regions_by_kmeans(
         keys = pd.Series(np.asarray(groups, dtype=object))
         if keys.isna().any():
             raise ValueError(f"{int(keys.isna().sum())} rows have no value in the grouping column")
-        row_unit, unique = pd.factorize(keys, sort=True)
-        unit_features = (
-            pd.DataFrame(features).groupby(row_unit, sort=True).mean().to_numpy()
-        )
+        row_unit, _ = pd.factorize(keys, sort=True)
+        unit_features = pd.DataFrame(features).groupby(row_unit, sort=True).mean().to_numpy()
     count = len(unit_features)
     what = "tiles" if groups is None else f"{unit or 'groups'} values"
 
@@ -150,8 +133,7 @@ def regions_by_kmeans(
             raise ValueError(f"{count} {what} are too few to choose k in {k_range[0]}..{k_range[1]}; give k")
         fits = {clusters: fit(clusters) for clusters in range(k_range[0], largest + 1)}
         silhouettes = {
-            clusters: float(silhouette_score(standardised, model.labels_))
-            for clusters, model in fits.items()
+            clusters: float(silhouette_score(standardised, model.labels_)) for clusters, model in fits.items()
         }
         k = max(silhouettes, key=silhouettes.__getitem__)
         model = fits[k]
@@ -184,6 +166,7 @@ def plot_regions(features: np.ndarray, regions: pd.Series, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
 
     features = np.asarray(features, dtype=np.float64)
     standardised = StandardScaler().fit_transform(features)
@@ -193,15 +176,14 @@ def plot_regions(features: np.ndarray, regions: pd.Series, path: Path) -> Path:
         projected = np.column_stack([projected, np.zeros((len(projected), 2 - projected.shape[1]))])
     codes, names = pd.factorize(pd.Series(regions).astype(str), sort=True)
     figure, axes = plt.subplots(figsize=(6, 5), dpi=120)
-    scatter = axes.scatter(projected[:, 0], projected[:, 1], c=codes, cmap="tab20", s=12,
-                           vmin=0, vmax=max(len(names) - 1, 1))
+    colormap, norm = matplotlib.colormaps["tab20"], Normalize(vmin=0, vmax=max(len(names) - 1, 1))
+    axes.scatter(projected[:, 0], projected[:, 1], c=codes, cmap=colormap, norm=norm, s=12)
     axes.set_xlabel("principal component 1")
     axes.set_ylabel("principal component 2")
     axes.set_title(f"{len(features)} tiles in {len(names)} regions")
     if len(names) <= 20:
         handles = [
-            plt.Line2D([], [], marker="o", linestyle="", color=scatter.cmap(scatter.norm(code)))
-            for code in range(len(names))
+            plt.Line2D([], [], marker="o", linestyle="", color=colormap(norm(code))) for code in range(len(names))
         ]
         axes.legend(handles, names, fontsize=6, loc="best", title="region")
     figure.tight_layout()

@@ -6,6 +6,7 @@ goes to one split is therefore a *group*: the connected set of regions that shar
 (for metadata regions of SEN12MS, exactly one scene id and its seasons; for any other source,
 one region).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -16,9 +17,10 @@ import pandas as pd
 SPLITS = ("train", "val", "test")
 
 
-def split_groups(frame: pd.DataFrame, regions: pd.Series) -> pd.Series:
-    """Per row, the group that must stay in one split: regions joined through a shared
-    SEN12MS scene id (connected components of the region-scene graph), else the region itself.
+def split_groups(frame: pd.DataFrame, regions: pd.Series, together: str | None = None) -> pd.Series:
+    """Per row, the group that must stay in one split: regions joined through a shared value of
+    the column `together` (the source's `split_together`: a SEN12MS scene id; connected components
+    of the region-scene graph), else the region itself.
 
     Group names are the sorted member regions joined by ' + ' (so a SEN12MS metadata group reads
     `ROIs1158_spring/76 + ROIs2017_winter/76`).
@@ -32,8 +34,8 @@ def split_groups(frame: pd.DataFrame, regions: pd.Series) -> pd.Series:
             name = parent[name]
         return name
 
-    if "scene" in frame.columns and set(frame["source"]) == {"sen12ms"}:
-        scenes = frame["scene"].astype(str)
+    if together is not None and together in frame.columns:
+        scenes = frame[together].astype(str)
         for members in regions.groupby(scenes.to_numpy(), sort=True).unique():
             first, *rest = sorted(members)
             for other in rest:
@@ -56,15 +58,12 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     valid = len(values) == 3 and all(np.isfinite(values)) and min(values) >= 0
     if not valid or not np.isclose(sum(values), 1.0):
         raise ValueError(
-            f"split {text!r} must be three non-negative fractions for train,val,test summing to 1 "
-            "(e.g. 0.6,0.2,0.2)"
+            f"split {text!r} must be three non-negative fractions for train,val,test summing to 1 (e.g. 0.6,0.2,0.2)"
         )
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
-def split_by_fractions(
-    groups: pd.Series, fractions: Sequence[float] = (0.6, 0.2, 0.2), *, seed: int = 0
-) -> pd.Series:
+def split_by_fractions(groups: pd.Series, fractions: Sequence[float] = (0.6, 0.2, 0.2), *, seed: int = 0) -> pd.Series:
     """Assign whole groups to splits at random (seeded), as close to the fractions as whole
     groups allow; every split with a non-zero fraction gets at least one group."""
     fractions = tuple(float(value) for value in fractions)
@@ -127,15 +126,14 @@ def split_explicit(
         raise ValueError(f"regions not assigned to any split: {_some(missing)}")
     splits = regions.map(assignment).rename("split")
     if groups is not None:
-        table = pd.DataFrame({"group": groups.astype(str).to_numpy(), "region": regions.to_numpy(),
-                              "split": splits.to_numpy()})
+        table = pd.DataFrame(
+            {"group": groups.astype(str).to_numpy(), "region": regions.to_numpy(), "split": splits.to_numpy()}
+        )
         for _, rows in table.groupby("group", sort=True):
             if rows["split"].nunique() > 1:
                 where = rows.drop_duplicates("region").sort_values("region")
                 listed = ", ".join(f"{r} in {s}" for r, s in zip(where["region"], where["split"]))
-                raise ValueError(
-                    f"regions that share a SEN12MS scene id must share a split: {listed}"
-                )
+                raise ValueError(f"regions that share a SEN12MS scene id must share a split: {listed}")
     return splits
 
 

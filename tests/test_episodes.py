@@ -3,6 +3,7 @@
 Samplers are built on one split's rows with a TileCache of the whole index, as the protocol
 does, and every image an episode holds is traced back to its tile to check its labels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ import pytest
 
 from geo.classes import IGNORE_INDEX
 from geo.index import read_index
+from geo.sources import index_source
+from geo.sources.sen12ms import Sen12ms
 from pipeline.regions import build_regions
 from tasks.episodes import (
     ClassificationSampler,
@@ -49,7 +52,7 @@ class Indexed:
 def _load(path) -> Indexed:
     frame, metadata = read_index(path)
     frame = frame.reset_index(drop=True)
-    return Indexed(frame, tuple(metadata["scheme"]["names"]), TileCache(frame))
+    return Indexed(frame, tuple(metadata["scheme"]["names"]), TileCache(frame, index_source(metadata)))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,7 @@ def test_classification_episodes_hold_n_classes_times_k_items_of_one_region(sen1
 
 def test_same_seed_gives_identical_episodes_across_sampler_instances(sen12ms):
     def episodes(seed: int, count: int) -> list[Episode]:
-        fresh = TileCache(sen12ms.frame)  # a new cache and sampler each time: nothing shared
+        fresh = TileCache(sen12ms.frame, Sen12ms())  # a new cache and sampler each time: nothing shared
         rows = sen12ms.split("train")
         sampler = SegmentationSampler(rows, fresh, n_way=3, k_shot=4, query_tiles=2)
         return list(sample_episodes(sampler, sorted(rows["region"].unique()), count, seed=seed))
@@ -131,7 +134,7 @@ def test_same_seed_gives_identical_episodes_across_sampler_instances(sen12ms):
     assert not all(same(a, b) for a, b in zip(first, other))
 
     rows = sen12ms.split("train")
-    make = lambda: ClassificationSampler(rows, TileCache(sen12ms.frame), n_way=2, k_shot=3, q_queries=2)  # noqa: E731
+    make = lambda: ClassificationSampler(rows, TileCache(sen12ms.frame, Sen12ms()), n_way=2, k_shot=3, q_queries=2)  # noqa: E731
     region = sorted(rows["region"].unique())[0]
     a = make().sample(region, episode_rng(9, region, 4))
     b = make().sample(region, episode_rng(9, region, 4))
@@ -150,7 +153,7 @@ def test_sparse_segmentation_labels_k_pixels_per_class_and_dense_queries(sen12ms
         region_rows = rows[rows["region"] == episode.region]
         assert episode.sparse_support and len(episode.classes) == n_way
         labels = episode.support_labels
-        assert labels.shape == episode.support_images.shape[:1] + (32, 32) and labels.dtype == np.int64
+        assert labels.shape == (*episode.support_images.shape[:1], 32, 32) and labels.dtype == np.int64
         assert 1 <= len(labels) <= n_way
         assert [(labels == label).sum() for label in range(n_way)] == [k_shot] * n_way
         assert (labels[labels >= n_way] == IGNORE_INDEX).all()
@@ -167,9 +170,7 @@ def test_sparse_segmentation_labels_k_pixels_per_class_and_dense_queries(sen12ms
 def test_dense_deepglobe_episodes_hold_k_fully_labelled_tiles(deepglobe):
     rows = deepglobe.split("train")
     k_shot = 3
-    sampler = DenseSegmentationSampler(
-        rows, deepglobe.tiles, k_shot=k_shot, query_tiles=2, class_names=deepglobe.names
-    )
+    sampler = DenseSegmentationSampler(rows, deepglobe.tiles, k_shot=k_shot, query_tiles=2, class_names=deepglobe.names)
     episodes = list(sample_episodes(sampler, sorted(rows["region"].unique()), 4, seed=0))
     for episode in episodes:
         region_rows = rows[rows["region"] == episode.region]
@@ -233,7 +234,9 @@ def test_segmentation_shortfalls_name_region_and_classes(sen12ms, deepglobe):
 
     dg = deepglobe.split("test")
     dg_region = dg["region"].iloc[0]
-    too_many_tiles = DenseSegmentationSampler(dg, deepglobe.tiles, k_shot=len(dg), query_tiles=2, class_names=deepglobe.names)
+    too_many_tiles = DenseSegmentationSampler(
+        dg, deepglobe.tiles, k_shot=len(dg), query_tiles=2, class_names=deepglobe.names
+    )
     with pytest.raises(EpisodeError, match=f"region {dg_region} has {len(dg)} tiles, needs {len(dg) + 2}"):
         too_many_tiles.sample(dg_region, episode_rng(0, dg_region, 0))
     with pytest.raises(EpisodeError, match="region elsewhere"):
@@ -263,8 +266,10 @@ def test_fewer_shots_nests_supports_and_keeps_queries(sen12ms, deepglobe):
     for small, large in ((1, 2), (2, 5)):
         assert _subset(cuts[small].support_images, cuts[large].support_images)
         for label in range(2):  # and with its labels
-            assert _subset(cuts[small].support_images[cuts[small].support_labels == label],
-                           cuts[large].support_images[cuts[large].support_labels == label])
+            assert _subset(
+                cuts[small].support_images[cuts[small].support_labels == label],
+                cuts[large].support_images[cuts[large].support_labels == label],
+            )
     assert same(cuts[5], classification)
 
     sparse = SegmentationSampler(rows, sen12ms.tiles, n_way=3, k_shot=10).sample(region, rng())
@@ -294,11 +299,11 @@ def test_tile_cache_reads_tiles_by_index_label(sen12ms):
     images, masks = sen12ms.tiles.images(labels), sen12ms.tiles.masks(labels)
     counts = np.stack([np.bincount(mask[mask != IGNORE_INDEX], minlength=10) for mask in masks])
     assert np.array_equal(counts, np.stack(rows.loc[labels, "class_counts"].map(np.asarray)))
-    subset_cache = TileCache(rows)  # a cache of the split only names tiles the same way
+    subset_cache = TileCache(rows, Sen12ms())  # a cache of the split only names tiles the same way
     assert np.array_equal(subset_cache.images(labels), images)
     assert sen12ms.tiles.images([]).shape == (0, 13, 32, 32)
     with pytest.raises(ValueError, match="unique index"):
-        TileCache(pd.concat([rows.head(2), rows.head(2)]))
+        TileCache(pd.concat([rows.head(2), rows.head(2)]), Sen12ms())
 
 
 # --- scene-like episodes -----------------------------------------------------------------------
@@ -313,9 +318,7 @@ def interior(masks: np.ndarray) -> np.ndarray:
     """Pixels whose 3x3 neighbourhood inside the tile is all of their own value."""
     padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)), mode="edge")
     height, width = masks.shape[1:]
-    return np.all(
-        [padded[:, r : r + height, c : c + width] == masks for r in range(3) for c in range(3)], axis=0
-    )
+    return np.all([padded[:, r : r + height, c : c + width] == masks for r in range(3) for c in range(3)], axis=0)
 
 
 def test_scene_episodes_label_k_spread_pixels_of_every_class_of_one_acquisition(sen12ms):
@@ -367,7 +370,7 @@ def test_scene_episodes_label_k_spread_pixels_of_every_class_of_one_acquisition(
 def test_scene_episodes_are_a_function_of_the_rng_and_cut_to_fewer_shots(sen12ms):
     rows = scene_rows(sen12ms, "val")
     region = sorted(rows["region"].unique())[0]
-    make = lambda: SceneSampler(rows, TileCache(sen12ms.frame), k_shot=5, max_tiles=8)  # noqa: E731
+    make = lambda: SceneSampler(rows, TileCache(sen12ms.frame, Sen12ms()), k_shot=5, max_tiles=8)  # noqa: E731
     a = make().sample(region, episode_rng(1, region, 0))
     b = make().sample(region, episode_rng(1, region, 0))
     c = make().sample(region, episode_rng(1, region, 1))
@@ -386,7 +389,7 @@ def test_scene_draw_always_holds_two_classes_even_when_few_tiles_could(sen12ms):
     rows = scene_rows(sen12ms, "val")
     region = sorted(rows["region"].unique())[0]
     k_shot = 1000  # only nearly pure tiles hold K + 1 pixels of a class
-    counts = np.stack(rows["class_counts"].map(np.asarray))
+    counts = np.stack([np.asarray(counts) for counts in rows["class_counts"]])
     rich = counts > k_shot
     pairs = rich[:, None, :] | rich[None, :, :]  # what two tiles hold, pixel counts aside
     assert (pairs.sum(axis=2) >= 2).mean() < 0.5  # most random pairs of tiles would not do
@@ -394,9 +397,9 @@ def test_scene_draw_always_holds_two_classes_even_when_few_tiles_could(sen12ms):
     for number in range(10):
         episode = sampler.sample(region, episode_rng(0, region, number))
         assert len(episode.query_images) == 2 and len(episode.classes) >= 2
-        assert [(episode.support_labels == label).sum() for label in range(len(episode.classes))] == [
-            k_shot
-        ] * len(episode.classes)
+        assert [(episode.support_labels == label).sum() for label in range(len(episode.classes))] == [k_shot] * len(
+            episode.classes
+        )
 
 
 def test_scene_shortfall_names_the_region_and_its_classes(sen12ms, deepglobe):
@@ -406,7 +409,7 @@ def test_scene_shortfall_names_the_region_and_its_classes(sen12ms, deepglobe):
     assert capable_regions(greedy, regions) == []
     message = greedy.shortfall(regions[0])
     assert message is not None and f"region {regions[0]} has no scene (2 in it)" in message
-    present = np.flatnonzero(np.stack(rows["class_counts"].map(np.asarray)).sum(axis=0))
+    present = np.flatnonzero(np.stack([np.asarray(counts) for counts in rows["class_counts"]]).sum(axis=0))
     assert all(sen12ms.names[c] in message for c in present)
     with pytest.raises(EpisodeError, match=f"region {regions[0]} "):
         greedy.sample(regions[0], episode_rng(0, regions[0], 0))

@@ -1,6 +1,7 @@
 """Real-world rasters: NaN and +-inf as nodata, scenes without data, bands matched by name,
 scale/offset tags, truncated files. Real GeoTIFFs written by rasterio from the session's
 generated scene; the CLI runs in-process."""
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,14 @@ from geo.errors import DataError
 from geo.index import band_statistics, build_index
 from geo.labels import read_labels
 from geo.sample_data import SceneFiles
+from geo.sources.base import SourceFile
+from geo.sources.folder import ClassFolders
 from geo.windows import PredictBatch, predict_scene
 from pipeline.adapt import cut_windows
 from pipeline.cli import app
 
 runner = CliRunner()
+
 
 def invoke(*args: str | Path):
     return runner.invoke(app, [str(arg) for arg in args])
@@ -59,8 +63,18 @@ def write_like(
     with rasterio.open(scene.image) as src:
         crs, transform = src.crs, src.transform
     count, height, width = pixels.shape
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count, dtype=pixels.dtype,
-                       crs=crs, transform=transform, **profile) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=pixels.dtype,
+        crs=crs,
+        transform=transform,
+        **profile,
+    ) as dst:
         dst.write(pixels)
         if descriptions is not None:
             dst.descriptions = tuple(descriptions)
@@ -83,9 +97,9 @@ def stripes(scene_files: SceneFiles) -> np.ndarray:
     free_cols = [c for c in range(8, width - 8) if not np.isin([c, c + 1], pixels.cols).any()]
     mask = np.zeros((height, width), dtype=bool)
     for row in (free_rows[0], free_rows[len(free_rows) // 2]):
-        mask[row:row + 2] = True
+        mask[row : row + 2] = True
     for col in (free_cols[len(free_cols) // 3], free_cols[-1]):
-        mask[:, col:col + 2] = True
+        mask[:, col : col + 2] = True
     return mask
 
 
@@ -115,8 +129,17 @@ def test_nan_stripes_map_to_255_exactly_there_and_as_without_them_elsewhere(
     clean, holed, invalid = holed_scene(scene_files, tmp_path, stripes)
     maps, model = {}, nearest_pixel(clean)
     for name, image in [("clean", clean), ("holed", holed)]:
-        result = predict_scene(image, model, tmp_path / f"{name}.map.tif", scheme=DFC10, window=64,
-                               overlap=16, batch_size=2, probabilities_path=tmp_path / f"{name}.probs.tif")
+        result = predict_scene(
+            image,
+            model,
+            tmp_path / f"{name}.map.tif",
+            scheme=DFC10,
+            window=64,
+            overlap=16,
+            batch_size=2,
+            probabilities_path=tmp_path / f"{name}.probs.tif",
+        )
+        assert result.probabilities is not None
         maps[name] = (read_band(result.classes), read_pixels(result.probabilities))
     (clean_classes, clean_probabilities), (classes, probabilities) = maps["clean"], maps["holed"]
     np.testing.assert_array_equal(classes == 255, invalid)
@@ -143,8 +166,9 @@ def test_adapt_drops_labels_on_nan_and_maps_as_without_the_stripes(
     outputs = {}
     for name, image, given in [("clean", clean, scene_files.labels), ("holed", holed, with_stripe)]:
         outputs[name] = tmp_path / f"{name}.map.tif"
-        result = invoke("adapt", "--model", "pixel", "--no-check", "--image", image, "--labels", given,
-                        "--out", outputs[name])
+        result = invoke(
+            "adapt", "--model", "pixel", "--no-check", "--image", image, "--labels", given, "--out", outputs[name]
+        )
         assert result.exit_code == 0, result.output
     assert "1 labelled pixels lie on the scene's nodata" in result.output
     assert "adapted on 25 labelled pixels" in result.output
@@ -160,8 +184,19 @@ def test_a_network_maps_a_scene_with_nan_stripes(
     """A trained U-Net: 255 exactly on the invalid pixels, finite probabilities everywhere else."""
     _, holed, invalid = holed_scene(scene_files, tmp_path, stripes)
     out, probabilities = tmp_path / "map.tif", tmp_path / "probs.tif"
-    result = invoke("predict", "--model", trained_runs["pretrain"], "--image", holed, "--out", out,
-                    "--probabilities", probabilities, "--device", "cpu")
+    result = invoke(
+        "predict",
+        "--model",
+        trained_runs["pretrain"],
+        "--image",
+        holed,
+        "--out",
+        out,
+        "--probabilities",
+        probabilities,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(read_band(out) == 255, invalid)
     stored = read_pixels(probabilities)
@@ -189,7 +224,9 @@ def test_ingest_statistics_and_class_counts_leave_out_non_finite_pixels(scene_fi
     np.testing.assert_allclose(features[:, 1], np.nanstd(scaled, axis=1), rtol=1e-4)
     np.testing.assert_allclose(features[:, 3], np.nanmedian(scaled, axis=1), rtol=1e-5)
     assert np.isfinite(features).all()
-    tile = readers.load_tile(result.frame.iloc[0])  # what training reads: no NaN in, nothing labelled there
+    tile = readers.load_tile(
+        result.frame.iloc[0], ClassFolders()
+    )  # what training reads: no NaN in, nothing labelled there
     assert np.isfinite(tile.image).all() and (tile.image[:, ~finite] == 0).all()
     assert (tile.mask[~finite] == 255).all() and (tile.mask[finite] == 0).all()
 
@@ -199,9 +236,7 @@ def test_band_statistics_of_a_band_ignore_its_non_finite_pixels():
     image[0, 0, :3] = [np.nan, np.inf, -np.inf]
     statistics = band_statistics(image).reshape(2, 5)
     first = image[0][np.isfinite(image[0])]
-    assert statistics[0].tolist() == pytest.approx(
-        [first.mean(), first.std(), *np.quantile(first, [0.1, 0.5, 0.9])]
-    )
+    assert statistics[0].tolist() == pytest.approx([first.mean(), first.std(), *np.quantile(first, [0.1, 0.5, 0.9])])
     assert statistics[1].tolist() == pytest.approx(
         [image[1].mean(), image[1].std(), *np.quantile(image[1], [0.1, 0.5, 0.9])]
     )
@@ -225,10 +260,22 @@ def test_a_scene_without_data_is_refused_before_any_work(
     empty = write_like(scene_files, tmp_path / "empty.tif", pixels, **profile)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    more = ["--labels", scene_files.labels] if command == "adapt" else []
+    more: list[str | Path] = ["--labels", scene_files.labels] if command == "adapt" else []
     model = "pixel" if command == "adapt" else trained_runs["pretrain"]
-    result = invoke(command, "--model", model, "--image", empty, *more, "--out", outputs / "map.tif",
-                    "--probabilities", outputs / "probs.tif", "--device", "cpu")
+    result = invoke(
+        command,
+        "--model",
+        model,
+        "--image",
+        empty,
+        *more,
+        "--out",
+        outputs / "map.tif",
+        "--probabilities",
+        outputs / "probs.tif",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 1, result.output
     assert result.stderr == f"error: {empty}: holds no data: every pixel is nodata, NaN or +-inf\n"
     assert list(outputs.iterdir()) == []
@@ -239,7 +286,9 @@ def test_a_scene_without_data_is_refused_before_any_work(
 
 def s2_spelling(band: str) -> str:
     """Another common spelling of a Sentinel-2 band name: "B2" as "b02", "B8A" as "b08a"."""
-    number, suffix = re.fullmatch(r"B(\d+)(A?)", band).groups()
+    spelled = re.fullmatch(r"B(\d+)(A?)", band)
+    assert spelled is not None, band
+    number, suffix = spelled.groups()
     return f"b{int(number):02d}{suffix.lower()}"
 
 
@@ -252,18 +301,40 @@ def test_a_scene_with_named_bands_in_another_order_maps_as_in_the_model_order(
     order = np.random.default_rng(1).permutation(len(S2_BANDS))
     scenes = {
         "ordered": write_like(scene_files, tmp_path / "ordered.tif", raw, descriptions=S2_BANDS, nodata=0),
-        "shuffled": write_like(scene_files, tmp_path / "shuffled.tif", raw[order], nodata=0,
-                               descriptions=[s2_spelling(S2_BANDS[band]) for band in order]),
+        "shuffled": write_like(
+            scene_files,
+            tmp_path / "shuffled.tif",
+            raw[order],
+            nodata=0,
+            descriptions=[s2_spelling(S2_BANDS[band]) for band in order],
+        ),
     }
     maps = {}
     for name, image in scenes.items():
         predicted, adapted = tmp_path / f"{name}.predicted.tif", tmp_path / f"{name}.adapted.tif"
-        result = invoke("predict", "--model", trained_runs["pretrain"], "--image", image, "--out", predicted,
-                        "--device", "cpu")
+        result = invoke(
+            "predict", "--model", trained_runs["pretrain"], "--image", image, "--out", predicted, "--device", "cpu"
+        )
         assert result.exit_code == 0, result.output
-        result = invoke("adapt", "--model", trained_runs["maml"], "--image", image, "--labels", scene_files.labels,
-                        "--out", adapted, "--steps", "2", "--pick", "first", "--no-check", "--no-pixel",
-                        "--device", "cpu")
+        result = invoke(
+            "adapt",
+            "--model",
+            trained_runs["maml"],
+            "--image",
+            image,
+            "--labels",
+            scene_files.labels,
+            "--out",
+            adapted,
+            "--steps",
+            "2",
+            "--pick",
+            "first",
+            "--no-check",
+            "--no-pixel",
+            "--device",
+            "cpu",
+        )
         assert result.exit_code == 0, result.output
         maps[name] = read_band(predicted), read_band(adapted)
     for ordered, shuffled in zip(maps["ordered"], maps["shuffled"]):
@@ -275,13 +346,25 @@ def test_a_scene_missing_a_named_band_is_refused_with_both_orders(
     trained_runs: dict[str, Path], scene_files: SceneFiles, tmp_path: Path
 ):
     names = [band if band != "B8A" else "B13" for band in S2_BANDS]
-    image = write_like(scene_files, tmp_path / "renamed.tif", read_pixels(scene_files.image), descriptions=names,
-                       nodata=0)
+    image = write_like(
+        scene_files, tmp_path / "renamed.tif", read_pixels(scene_files.image), descriptions=names, nodata=0
+    )
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    for command, more in [("predict", []), ("adapt", ["--labels", scene_files.labels])]:
-        result = invoke(command, "--model", trained_runs["pretrain"], "--image", image, *more,
-                        "--out", outputs / "map.tif", "--device", "cpu")
+    commands: list[tuple[str, list[str | Path]]] = [("predict", []), ("adapt", ["--labels", scene_files.labels])]
+    for command, more in commands:
+        result = invoke(
+            command,
+            "--model",
+            trained_runs["pretrain"],
+            "--image",
+            image,
+            *more,
+            "--out",
+            outputs / "map.tif",
+            "--device",
+            "cpu",
+        )
         assert result.exit_code == 1, result.output
         assert result.stderr == (
             f"error: {image}: has bands {', '.join(names)} (no band B8A); "
@@ -296,12 +379,22 @@ def test_a_scene_with_generic_band_names_is_read_by_position(
     """Descriptions that name no band of the model ("Band 1", as many tools write) are no band
     order: the scene is read by position, as one without descriptions."""
     names = [f"Band {number}" for number in range(1, len(S2_BANDS) + 1)]
-    image = write_like(scene_files, tmp_path / "generic.tif", read_pixels(scene_files.image), descriptions=names,
-                       nodata=0)
+    image = write_like(
+        scene_files, tmp_path / "generic.tif", read_pixels(scene_files.image), descriptions=names, nodata=0
+    )
     maps = {}
     for name, scene in [("generic", image), ("plain", scene_files.image)]:
-        result = invoke("predict", "--model", trained_runs["pretrain"], "--image", scene,
-                        "--out", tmp_path / f"{name}-map.tif", "--device", "cpu")
+        result = invoke(
+            "predict",
+            "--model",
+            trained_runs["pretrain"],
+            "--image",
+            scene,
+            "--out",
+            tmp_path / f"{name}-map.tif",
+            "--device",
+            "cpu",
+        )
         assert result.exit_code == 0, result.output
         maps[name] = read_pixels(tmp_path / f"{name}-map.tif")
     np.testing.assert_array_equal(maps["generic"], maps["plain"])
@@ -351,8 +444,19 @@ def test_scale_offset_tags_give_the_map_of_the_equivalent_uint16_scene(
     maps = {}
     for name, scene in [("uint16", scene_files.image), ("tagged", image)]:
         out, probabilities = tmp_path / f"{name}.map.tif", tmp_path / f"{name}.probs.tif"
-        result = invoke("predict", "--model", trained_runs["pretrain"], "--image", scene, "--out", out,
-                        "--probabilities", probabilities, "--device", "cpu")
+        result = invoke(
+            "predict",
+            "--model",
+            trained_runs["pretrain"],
+            "--image",
+            scene,
+            "--out",
+            out,
+            "--probabilities",
+            probabilities,
+            "--device",
+            "cpu",
+        )
         assert result.exit_code == 0, result.output
         maps[name] = read_band(out), read_pixels(probabilities)
     np.testing.assert_array_equal(maps["tagged"][0], maps["uint16"][0])
@@ -363,7 +467,8 @@ def test_scale_offset_tags_give_the_map_of_the_equivalent_uint16_scene(
 def test_ingest_reads_a_tagged_patch_as_its_uint16_equivalent(scene_files: SceneFiles, tmp_path: Path):
     image = tagged_scene(scene_files, tmp_path / "int16.tif", "int16")
     np.testing.assert_array_equal(
-        readers.read_folder_patch(image, 0).image, readers.read_folder_patch(scene_files.image, 0).image
+        ClassFolders().read(SourceFile(image, class_id=0)).image,
+        ClassFolders().read(SourceFile(scene_files.image, class_id=0)).image,
     )
 
 
@@ -374,22 +479,41 @@ def test_discover_on_a_file_says_it_is_a_file(tmp_path: Path):
     path = tmp_path / "patches.tif"
     path.write_bytes(b"II*\x00")
     with pytest.raises(DataError, match=re.escape(f"{path}: is a file, not a folder")):
-        readers.discover("folder", path)
+        ClassFolders().discover(path)
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nowhere'}: no such folder")):
-        readers.discover("folder", tmp_path / "nowhere")
+        ClassFolders().discover(tmp_path / "nowhere")
 
 
 def test_adapt_on_a_truncated_geotiff_names_the_file_and_writes_nothing(scene_files: SceneFiles, tmp_path: Path):
-    image = write_like(scene_files, tmp_path / "truncated.tif", read_pixels(scene_files.image), nodata=0,
-                       tiled=True, blockxsize=16, blockysize=16)
+    image = write_like(
+        scene_files,
+        tmp_path / "truncated.tif",
+        read_pixels(scene_files.image),
+        nodata=0,
+        tiled=True,
+        blockxsize=16,
+        blockysize=16,
+    )
     os.truncate(image, image.stat().st_size // 2)
     with rasterio.open(image) as src:  # the header is whole: only reading the pixels fails
         assert src.count == len(S2_BANDS)
     outputs = tmp_path / "outputs"
     outputs.mkdir()
-    result = invoke("adapt", "--model", "pixel", "--image", image, "--labels", scene_files.labels,
-                    "--out", outputs / "map.tif", "--probabilities", outputs / "probs.tif",
-                    "--vector", outputs / "map.gpkg")
+    result = invoke(
+        "adapt",
+        "--model",
+        "pixel",
+        "--image",
+        image,
+        "--labels",
+        scene_files.labels,
+        "--out",
+        outputs / "map.tif",
+        "--probabilities",
+        outputs / "probs.tif",
+        "--vector",
+        outputs / "map.gpkg",
+    )
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith(f"error: {image}: cannot be read, truncated or corrupt? (")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output

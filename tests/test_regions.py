@@ -1,5 +1,6 @@
 """Regions (metadata, KMeans), region splits and the `landcover regions` command, on real
 generated files ingested by the real ingest step."""
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from geo.errors import DataError
 from geo.index import read_index, write_index
 from geo.sample_data import deepglobe_regions, write_deepglobe
+from geo.sources.sen12ms import Sen12ms
 from pipeline.cli import app
 from pipeline.ingest import ingest
 from pipeline.regions import build_regions
@@ -66,8 +68,8 @@ def test_sen12ms_regions_are_season_scene_pairs_and_no_scene_spans_two_splits(se
 
 def test_splits_keep_regions_and_scene_ids_whole_for_every_seed(sen12ms_index):
     frame, _ = read_index(sen12ms_index)
-    regions = regions_by_metadata(frame)
-    groups = split_groups(frame, regions)
+    regions = regions_by_metadata(frame, Sen12ms())
+    groups = split_groups(frame, regions, Sen12ms.split_together)
     assert groups.nunique() == SEN12MS["regions"]  # one group per scene id, both seasons in it
     seen = set()
     for seed in range(25):
@@ -233,10 +235,14 @@ def test_parse_fractions_rejects(text):
 
 def test_explicit_split_lists(sen12ms_index, tmp_path):
     frame, _ = read_index(sen12ms_index)
-    regions = regions_by_metadata(frame)
+    regions = regions_by_metadata(frame, Sen12ms())
     scenes = sorted(frame["scene"].unique())
     by_scene = {scene: sorted(regions[frame["scene"] == scene].unique()) for scene in scenes}
-    lists = {"train": by_scene[scenes[0]] + by_scene[scenes[1]], "val": by_scene[scenes[2]], "test": by_scene[scenes[3]]}
+    lists = {
+        "train": by_scene[scenes[0]] + by_scene[scenes[1]],
+        "val": by_scene[scenes[2]],
+        "test": by_scene[scenes[3]],
+    }
 
     summary = build_regions(sen12ms_index, tmp_path / "explicit.parquet", split=lists)
     result, metadata = read_index(summary.index_path)
@@ -245,7 +251,7 @@ def test_explicit_split_lists(sen12ms_index, tmp_path):
     assert metadata["regions"]["split"] == {name: sorted(lists[name]) for name in SPLITS}
     assert_no_leak(result)
 
-    groups = split_groups(frame, regions)
+    groups = split_groups(frame, regions, Sen12ms.split_together)
     leaky = {"train": lists["train"] + [by_scene[scenes[2]][0]], "val": [by_scene[scenes[2]][1]], "test": lists["test"]}
     with pytest.raises(ValueError, match="share a split") as error:
         split_explicit(regions, leaky, groups)
@@ -265,7 +271,9 @@ def test_explicit_split_lists(sen12ms_index, tmp_path):
 
 def test_cli_regions_metadata_writes_region_and_split(sen12ms_index, tmp_path):
     out = tmp_path / "cli.parquet"
-    result = runner.invoke(app, ["regions", str(sen12ms_index), "--by", "metadata", "--split", "0.5,0.25,0.25", "--out", str(out)])
+    result = runner.invoke(
+        app, ["regions", str(sen12ms_index), "--by", "metadata", "--split", "0.5,0.25,0.25", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "train: 4 regions, 256 tiles" in result.output
     frame, _ = read_index(out)
@@ -296,7 +304,11 @@ def test_cli_regions_split_file(sen12ms_index, tmp_path):
     scenes = sorted(frame["scene"].unique())
     regions = frame["season"] + "/" + frame["scene"]
     members = {scene: sorted(regions[frame["scene"] == scene].unique()) for scene in scenes}
-    lists = {"train": members[scenes[0]] + members[scenes[1]] + members[scenes[2]], "val": [], "test": members[scenes[3]]}
+    lists = {
+        "train": members[scenes[0]] + members[scenes[1]] + members[scenes[2]],
+        "val": [],
+        "test": members[scenes[3]],
+    }
     split_file = tmp_path / "regions.json"
     split_file.write_text(json.dumps(lists))
     out = tmp_path / "split.parquet"
@@ -307,8 +319,10 @@ def test_cli_regions_split_file(sen12ms_index, tmp_path):
     assert "val: 0 regions, 0 tiles" in result.output
 
     yaml_file = tmp_path / "regions.yaml"
-    yaml_file.write_text("train: [%s]\ntest: [%s]\n" % (", ".join(lists["train"]), lists["test"][0]))
-    result = runner.invoke(app, ["regions", str(sen12ms_index), "--split-file", str(yaml_file), "--out", str(tmp_path / "y.parquet")])
+    yaml_file.write_text(f"train: [{', '.join(lists['train'])}]\ntest: [{lists['test'][0]}]\n")
+    result = runner.invoke(
+        app, ["regions", str(sen12ms_index), "--split-file", str(yaml_file), "--out", str(tmp_path / "y.parquet")]
+    )
     assert result.exit_code == 1
     assert "error:" in result.output and f"not assigned to any split: {lists['test'][1]}" in flat(result.output)
     assert not (tmp_path / "y.parquet").exists()
@@ -320,7 +334,7 @@ def test_cli_regions_split_file(sen12ms_index, tmp_path):
         (["--split", "0.5,0.5"], "summing to 1"),
         (["--split", "0.6,0.2,0.3"], "summing to 1"),
         (["--split", "x,y,z"], "comma-separated numbers"),
-        (["--by", "voronoi"], "choose metadata or kmeans"),
+        (["--by", "voronoi"], "is not one of 'metadata', 'kmeans'"),
         (["--split", "0.6,0.2,0.2", "--split-file", "r.yaml"], "not both"),
         (["--column", "province"], "no column 'province'"),
         (["--split-file", "no-such-file.yaml"], "cannot read the split file"),
