@@ -4,13 +4,14 @@ Each flow only wires tasks from `flows.steps` together. The end-to-end flow read
 when it runs (a scheduled deployment picks up edits to the file), keeps every cached result in
 `<output>/.prefect-cache`, and hands ingest and prediction to Dask when asked to.
 """
+
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 from prefect import flow, unmapped
@@ -27,14 +28,17 @@ from flows import steps
 from flows.caching import CACHE_FOLDER
 from flows.dask import dask_runner
 from geo.errors import DataError
+from geo.sources import get_source
 from pipeline.config import (
-    SAMPLE_KIND,
     adapt_settings,
     evaluate_settings,
     load_config,
     regions_settings,
     train_settings,
 )
+
+if TYPE_CHECKING:
+    from geo.index import FileIndex
 
 
 @flow(name="landcover-ingest")
@@ -45,13 +49,17 @@ def ingest_flow(
     strict: bool = False,
     grid: int = 4,
     files_per_task: int = 32,
+    classes: Path | None = None,
 ) -> Path:
-    """Index a dataset, one task per part of its files, so a Dask runner spreads the reading."""
-    plan = steps.plan_ingest(source, root, files_per_task)
+    """Index a dataset, one task per part of its files, so a Dask runner spreads the reading.
+    `classes`: the classes file of a source that takes one (pairs)."""
+    layout = get_source(source, classes=classes)
+    plan = steps.plan_ingest(layout, root, files_per_task)
     parts = steps.index_part.map(
-        unmapped(source), plan.parts, unmapped(grid), unmapped(plan.dataset.scheme.num_classes)
+        unmapped(layout), plan.parts, unmapped(grid), unmapped(plan.dataset.scheme.num_classes)
     )
-    return steps.write_index(source, root, plan, parts, out, strict, grid)
+    # the futures go in as they are: Prefect waits for them and passes their results
+    return steps.write_index(layout, root, plan, cast("list[list[FileIndex]]", parts), out, strict, grid)
 
 
 @flow(name="landcover-regions")
@@ -61,17 +69,13 @@ def regions_flow(index: Path, out: Path, settings: dict[str, Any]) -> Path:
 
 
 @flow(name="landcover-meta-train")
-def meta_train_flow(
-    index: Path, runs: dict[str, dict[str, Any]], out_dir: Path
-) -> dict[str, Path]:
+def meta_train_flow(index: Path, runs: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     """Train one model per named run (method and seed), one after the other on this machine."""
     return {name: steps.train(index, out_dir / name, settings) for name, settings in runs.items()}
 
 
 @flow(name="landcover-evaluate")
-def evaluate_flow(
-    index: Path, runs: dict[str, Path], out_dir: Path, settings: dict[str, Any]
-) -> Path:
+def evaluate_flow(index: Path, runs: dict[str, Path], out_dir: Path, settings: dict[str, Any]) -> Path:
     """Score every run on the same held-out episodes; publish the table and plot as artifacts."""
     report = steps.evaluate(index, runs, out_dir, settings)
     steps.publish_report(report.table, report.plot, report.markdown)
@@ -115,23 +119,21 @@ def end_to_end(
     evaluate -> adapt to a new scene. Steps whose inputs did not change come from the cache."""
     settings = load_config(Path(config) if config else None)
     paths = settings.layout
-    stored = {"result_storage": settings.output / CACHE_FOLDER}
+    cache = settings.output / CACHE_FOLDER  # every step's result_storage
     data = settings.data
-    with dask_runner(dask_address, workers) as runner:
-        scaled = {**stored, "task_runner": runner} if runner else stored
-        root = data.root or steps.sample_data.with_options(**stored)(
-            SAMPLE_KIND[data.source], paths.sample_data, **asdict(data.sample)
+    with dask_runner(dask_address, workers) as runner:  # None keeps each flow's own (a thread pool)
+        root = data.root or steps.sample_data.with_options(result_storage=cache)(
+            data.sample_kind, paths.sample_data, **data.sample.model_dump()
         )
-        index = ingest_flow.with_options(**scaled)(
-            data.source, root, paths.index, data.strict, data.grid, data.files_per_task
-        )
-        regions = regions_flow.with_options(**stored)(
-            index, paths.regions, regions_settings(settings)
-        )
+        index = ingest_flow.with_options(
+            result_storage=cache,
+            task_runner=runner,  # type: ignore[arg-type]  # prefect_dask's typing: see flows.dask
+        )(data.source, root, paths.index, data.strict, data.grid, data.files_per_task, data.classes)
+        regions = regions_flow.with_options(result_storage=cache)(index, paths.regions, regions_settings(settings))
         outputs = EndToEndOutputs(index=index, regions=regions)
         if not settings.methods:
             return outputs
-        outputs.runs = meta_train_flow.with_options(**stored)(
+        outputs.runs = meta_train_flow.with_options(result_storage=cache)(
             regions,
             {
                 settings.run_name(method, seed): train_settings(settings, method, seed)
@@ -140,24 +142,28 @@ def end_to_end(
             },
             paths.runs,
         )
-        outputs.report = evaluate_flow.with_options(**stored)(
+        outputs.report = evaluate_flow.with_options(result_storage=cache)(
             regions, outputs.runs, paths.evaluation, evaluate_settings(settings)
         )
-        if settings.adapt is None:
+        adapt = settings.adapt
+        if adapt is None:
             return outputs
         image, labels = (
-            (settings.adapt.image, settings.adapt.labels)
-            if settings.adapt.image is not None
-            else steps.sample_scene.with_options(**stored)(paths.sample_scene, data.sample.seed)
+            (adapt.image, adapt.labels)
+            if adapt.image is not None and adapt.labels is not None  # the config gives both or neither
+            else steps.sample_scene.with_options(result_storage=cache)(paths.sample_scene, data.sample.seed)
         )
-        outputs.maps = adapt_predict_flow.with_options(**scaled)(
+        outputs.maps = adapt_predict_flow.with_options(
+            result_storage=cache,
+            task_runner=runner,  # type: ignore[arg-type]  # prefect_dask's typing: see flows.dask
+        )(
             outputs.runs[settings.adapt_run],
             image,
             labels,
             paths.adapted_map,
             paths.adapted_model,
             adapt_settings(settings),
-            {scene: paths.prediction(scene) for scene in settings.adapt.scenes},
+            {scene: paths.prediction(scene) for scene in adapt.scenes},
         )
     return outputs
 
@@ -166,9 +172,7 @@ class ServeError(RuntimeError):
     """Serving cannot start: no Prefect server to hold the schedule, or a bad cron string."""
 
 
-def run_once(
-    config: Path | None, *, dask_address: str | None, workers: int | None, refresh: bool
-) -> EndToEndOutputs:
+def run_once(config: Path | None, *, dask_address: str | None, workers: int | None, refresh: bool) -> EndToEndOutputs:
     """Run the end-to-end flow now; `refresh` recomputes every step instead of reusing results.
 
     When the Prefect server stops during the run, the run stops with a DataError naming the
@@ -253,9 +257,7 @@ def serve(
         end_to_end.serve(
             name=name,
             schedules=[schedule],
-            parameters={
-                "config": _absolute(config), "dask_address": dask_address, "workers": workers
-            },
+            parameters={"config": _absolute(config), "dask_address": dask_address, "workers": workers},
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
     except httpx.ConnectError:

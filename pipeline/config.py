@@ -1,16 +1,19 @@
 """The YAML file that drives the end-to-end run (`landcover run --config FLOW.yaml`).
 
 Every key has a default, so an empty file (or none at all) runs the whole pipeline on generated
-SEN12MS-style sample data. Relative paths are read relative to the YAML file. A mistake stops the
-run before any step starts, with a `DataError` naming the file and the key:
+SEN12MS-style sample data. Relative paths are read relative to the YAML file. The file is checked
+by the pydantic models below (unknown keys refused, types and ranges checked) and each method's
+settings by the step's own config (`pipeline.train.TrainConfig`, ...). A mistake stops the run
+before any step starts, with a `DataError` naming the file and the key:
 
     output: landcover-output        # every step writes below this folder
     task: segmentation              # or classification
-    device: auto                    # or cpu, cuda, cuda:1, mps
+    device: auto                    # or cpu, cuda, cuda:1
     seeds: [0]                      # one training run per method and seed
     data:
-      source: sen12ms               # sen12ms | deepglobe | folder
+      source: sen12ms               # sen12ms | dfc2020 | deepglobe | folder | pairs (geo/sources)
       root: null                    # null: generate sample data of this source's layout
+      classes: null                 # pairs: its classes file (label values, names, colours)
       sample: {seed: 0, regions: 6, size: 32}
       strict: false                 # true: a bad file stops ingest instead of being skipped
       grid: 4                       # DeepGlobe: cut each image into grid x grid tiles
@@ -25,59 +28,139 @@ run before any step starts, with a `DataError` naming the file and the key:
       image: null                   # null: generate a sample scene with labels
       labels: null
       scenes: []                    # more scenes to map with the adapted model
-      map: {class_column: class}    # pipeline.adapt.MapConfig: steps, lr, window, overlap, pick, check, folds, spacing, pixel
+      map: {class_column: class}    # pipeline.adapt.MapConfig: steps, lr, window, pick, check, folds, ...
 """
+
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from geo.errors import DataError
+from geo.sources import SOURCE_NAMES, source_class
+from geo.validation import problems
 
 if TYPE_CHECKING:  # torch comes with them: imported when a config is checked, not on import
     from pipeline.adapt import MapConfig
     from pipeline.evaluate import EvaluateConfig
     from pipeline.train import TrainConfig
 
-Source = Literal["sen12ms", "deepglobe", "folder"]
-SAMPLE_KIND: dict[str, str] = {"sen12ms": "sen12ms", "deepglobe": "deepglobe", "folder": "eurosat"}
-"""The sample-data generator's layout for each ingest source."""
+_SHARED_KEYS = ("task", "seed", "device")
+"""Training settings set once at the top of the file, for every method."""
 
 
-@dataclass(frozen=True)
-class SampleConfig:
-    seed: int = 0
-    regions: int = 6
-    size: int = 32
+def _from_file(path: Path, info: ValidationInfo) -> Path:
+    """A relative path is read relative to the YAML file (its folder is the context's "base")."""
+    return (info.context or {}).get("base", Path()) / path.expanduser()
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    source: Source = "sen12ms"
-    root: Path | None = None
-    sample: SampleConfig = field(default_factory=SampleConfig)
+def _device(name: str) -> str:
+    """The names `models.device.pick_device` takes; whether a GPU is there is the step's check."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ValueError(f"{name!r} is not one of auto, cpu, cuda, cuda:N")
+    return name
+
+
+def _own_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A method's settings leave out what the top of the file sets for every method."""
+    shared = [key for key in _SHARED_KEYS if key in settings]
+    if shared:
+        raise ValueError(f"{shared[0]!r} is set for all methods at the top of the file")
+    return settings
+
+
+ConfigPath = Annotated[Path, AfterValidator(_from_file)]
+MethodSettings = Annotated[
+    dict[str, Any], BeforeValidator(lambda value: {} if value is None else value), AfterValidator(_own_settings)
+]
+"""`method` (default: the run name) and `pipeline.train.TrainConfig` settings, checked by it."""
+Split = Annotated[
+    Annotated[tuple[float, ...], Field(min_length=3, max_length=3), Tag("fractions")]
+    | Annotated[dict[Literal["train", "val", "test"], tuple[str, ...]], Tag("lists")],
+    Discriminator(lambda value: "lists" if isinstance(value, Mapping) else "fractions"),
+]
+"""Fractions of regions for train, val, test, or their lists of regions."""
+_NOT_KEYS = ("fractions", "lists", "[key]")
+"""What pydantic puts in an error's location besides keys: the union member (`Split`'s tags), a mapping's key."""
+
+
+class _Checked(BaseModel):
+    """A part of the file: unknown keys are refused (a typo never silently keeps a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SampleConfig(_Checked):
+    seed: int = Field(0, ge=0)
+    regions: int = Field(6, ge=1)
+    size: int = Field(32, ge=16)
+
+
+class DataConfig(_Checked):
+    source: str = "sen12ms"
+    root: ConfigPath | None = None
+    classes: ConfigPath | None = None
+    """The classes file of a source that takes one (pairs)."""
+    sample: SampleConfig = SampleConfig()
     strict: bool = False
-    grid: int = 4
-    files_per_task: int = 32
+    grid: int = Field(4, ge=1)
+    files_per_task: int = Field(32, ge=1)
 
-    def __post_init__(self) -> None:
-        if self.grid < 1 or self.files_per_task < 1:
-            raise ValueError("grid and files_per_task must be at least 1")
+    @field_validator("source")
+    @classmethod
+    def _registered(cls, source: str) -> str:
+        if source not in SOURCE_NAMES:
+            raise ValueError(f"{source!r} is not one of {', '.join(SOURCE_NAMES)}")
+        return source
+
+    @model_validator(mode="after")
+    def _complete(self) -> DataConfig:
+        """A source that takes a classes file (pairs) names one, others none; without a root, sample data of the
+        source's layout is generated, which only some sources have."""
+        takes_classes = source_class(self.source).takes_classes
+        if takes_classes != (self.classes is not None):
+            raise ValueError(
+                f"the {self.source} source needs classes: (its classes file)"
+                if takes_classes
+                else f"classes: does not apply to the {self.source} source (its classes are fixed)"
+            )
+        if self.root is None:
+            self.sample_kind  # noqa: B018 (raises when the source has no sample data)
+        return self
+
+    @property
+    def sample_kind(self) -> str:
+        """The `landcover sample-data --kind` that writes this source's layout (when `root` is null)."""
+        kind = source_class(self.source).sample_kind
+        if kind is None:
+            raise ValueError(f"the {self.source} source has no sample data: give root: (the dataset's folder)")
+        return kind
 
 
-@dataclass(frozen=True)
-class RegionsConfig:
+class RegionsConfig(_Checked):
     by: Literal["metadata", "kmeans"] = "metadata"
     column: str | None = None
-    k: int | None = None
-    split: tuple[float, float, float] | dict[str, tuple[str, ...]] = (0.6, 0.2, 0.2)
+    k: Annotated[int, Field(ge=2)] | None = None
+    split: Split = (0.6, 0.2, 0.2)
     seed: int = 0
 
 
@@ -87,66 +170,71 @@ class MethodConfig:
 
     name: str
     method: str
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        shared = sorted(set(self.settings) & {"task", "seed", "device"})
-        if shared:
-            raise ValueError(f"{shared[0]!r} is set for all methods at the top of the file")
+    settings: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
-    shots: tuple[int, ...] = (0, 1, 2, 5, 10)
-    episodes: int = 50
+class EvaluationConfig(_Checked):
+    shots: tuple[Annotated[int, Field(ge=0)], ...] = Field((0, 1, 2, 5, 10), min_length=1)
+    episodes: int = Field(50, ge=1)
 
 
-@dataclass(frozen=True)
-class AdaptConfig:
+class AdaptConfig(_Checked):
     method: str | None = None
     """The trained run that adapts; None: the first of `methods`."""
-    image: Path | None = None
-    labels: Path | None = None
-    scenes: tuple[Path, ...] = ()
-    map: dict[str, Any] = field(default_factory=dict)
+    image: ConfigPath | None = None
+    labels: ConfigPath | None = None
+    scenes: tuple[ConfigPath, ...] = ()
+    map: dict[str, Any] = {}
     """`pipeline.adapt.MapConfig` settings: class_column, steps, lr, window, overlap, ..."""
 
-    def __post_init__(self) -> None:
-        stems = [scene.stem for scene in self.scenes]
+    @field_validator("scenes")
+    @classmethod
+    def _unique_names(cls, scenes: tuple[Path, ...]) -> tuple[Path, ...]:
+        stems = [scene.stem for scene in scenes]
         if len(set(stems)) != len(stems):
-            raise ValueError("adapt.scenes: two scenes share a file name, so their maps would too")
+            raise ValueError("two scenes share a file name, so their maps would too")
+        return scenes
 
 
-def _default_methods() -> tuple[MethodConfig, ...]:
-    return (MethodConfig("maml", "maml"), MethodConfig("pretrain", "pretrain"))
+def _default_methods() -> dict[str, dict[str, Any]]:
+    return {"maml": {}, "pretrain": {}}
 
 
-@dataclass(frozen=True)
-class FlowConfig:
-    output: Path = Path("landcover-output")
+class FlowConfig(_Checked):
+    output: ConfigPath = Path("landcover-output")
     task: Literal["classification", "segmentation"] = "segmentation"
-    device: str = "auto"
-    seeds: tuple[int, ...] = (0,)
-    data: DataConfig = field(default_factory=DataConfig)
-    regions: RegionsConfig = field(default_factory=RegionsConfig)
-    methods: tuple[MethodConfig, ...] = field(default_factory=_default_methods)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    adapt: AdaptConfig | None = field(default_factory=AdaptConfig)
+    device: Annotated[str, AfterValidator(_device)] = "auto"
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    data: DataConfig = DataConfig()
+    regions: RegionsConfig = RegionsConfig()
+    trained: dict[str, MethodSettings] = Field(default_factory=_default_methods, alias="methods")
+    """The file's `methods`: run name -> its settings; read them as `methods`."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    adapt: AdaptConfig | None = AdaptConfig()
 
-    def __post_init__(self) -> None:
-        if not self.seeds:
-            raise ValueError("seeds: name at least one seed")
-        names = [method.name for method in self.methods]
-        if self.adapt is not None and not names:
+    @model_validator(mode="after")
+    def _consistent(self) -> FlowConfig:
+        """Rules between keys, which would otherwise fail only when their step runs."""
+        if self.adapt is None:
+            return self
+        names = list(self.trained)
+        if not names:
             raise ValueError("adapt needs a trained model: name methods, or set adapt: null")
-        if self.adapt is not None and self.adapt.method not in (None, *names):
+        if self.adapt.method not in (None, *names):
             raise ValueError(f"adapt.method {self.adapt.method!r} is none of methods {names}")
-        if self.adapt is not None and self.task != "segmentation":
+        if self.task != "segmentation":
             raise ValueError("adapt maps a scene, which needs task: segmentation (or adapt: null)")
-        if self.adapt is not None and (self.adapt.image is None) != (self.adapt.labels is None):
+        if (self.adapt.image is None) != (self.adapt.labels is None):
             raise ValueError("adapt.image and adapt.labels go together (both null: sample scene)")
-        if self.regions.by == "kmeans" and self.regions.k is not None and self.regions.k < 2:
-            raise ValueError("regions.k must be at least 2")
+        return self
+
+    @property
+    def methods(self) -> tuple[MethodConfig, ...]:
+        """The trained methods in the file's order; `method` defaults to the run name."""
+        return tuple(
+            MethodConfig(name, settings.get("method", name), {k: v for k, v in settings.items() if k != "method"})
+            for name, settings in self.trained.items()
+        )
 
     @property
     def layout(self) -> Layout:
@@ -212,19 +300,26 @@ def train_config(settings: Mapping[str, Any], where: str = "") -> TrainConfig:
     """`pipeline.train.TrainConfig` from plain settings (nested mappings become dataclasses)."""
     from pipeline.train import TrainConfig
 
-    return _build(TrainConfig, settings, where, Path())
+    return _step_config(TrainConfig, settings, where)
 
 
 def evaluate_config(settings: Mapping[str, Any], where: str = "") -> EvaluateConfig:
     """`pipeline.evaluate.EvaluateConfig` from plain settings."""
     from pipeline.evaluate import EvaluateConfig
 
-    return _build(EvaluateConfig, settings, where, Path())
+    return _step_config(EvaluateConfig, settings, where)
+
+
+def map_config(settings: Mapping[str, Any], where: str = "") -> MapConfig:
+    """`pipeline.adapt.MapConfig` from plain settings."""
+    from pipeline.adapt import MapConfig
+
+    return _step_config(MapConfig, settings, where)
 
 
 def regions_settings(config: FlowConfig) -> dict[str, Any]:
     """Keyword arguments of `pipeline.regions.build_regions`."""
-    return dataclasses.asdict(config.regions)
+    return config.regions.model_dump()
 
 
 def train_settings(config: FlowConfig, method: MethodConfig, seed: int) -> dict[str, Any]:
@@ -254,13 +349,6 @@ def adapt_settings(config: FlowConfig) -> dict[str, Any]:
     return {"device": config.device, "seed": config.seeds[0], **config.adapt.map}
 
 
-def map_config(settings: Mapping[str, Any], where: str = "") -> MapConfig:
-    """`pipeline.adapt.MapConfig` from plain settings."""
-    from pipeline.adapt import MapConfig
-
-    return _build(MapConfig, settings, where, Path())
-
-
 def load_config(path: Path | None) -> FlowConfig:
     """Read and check a flow config; `None` gives the defaults (sample data, all steps)."""
     if path is None:
@@ -271,11 +359,13 @@ def load_config(path: Path | None) -> FlowConfig:
         raise DataError(path, f"cannot read the flow config: {error}") from None
     except UnicodeDecodeError:
         raise DataError(path, "is not a text file; a flow config is YAML") from None
+    if not isinstance(document, Mapping):
+        raise DataError(path, "the file must hold a mapping of keys (output, data, methods, ...)")
     try:
-        if not isinstance(document, Mapping):
-            raise ValueError("the file must hold a mapping of keys (output, data, methods, ...)")
-        document = {**document, "methods": _methods(document.get("methods", _UNSET))}
-        config = _build(FlowConfig, document, "", Path(path).resolve().parent)
+        config = FlowConfig.model_validate(document, context={"base": Path(path).resolve().parent})
+    except ValidationError as error:
+        raise DataError(path, problems(error.errors(), FlowConfig, not_keys=_NOT_KEYS)) from None
+    try:
         for method in config.methods:  # the training settings are checked now, not hours later
             train_config(train_settings(config, method, config.seeds[0]), f"methods.{method.name}")
         if config.methods:
@@ -283,19 +373,22 @@ def load_config(path: Path | None) -> FlowConfig:
         if config.adapt is not None:
             map_config(adapt_settings(config), "adapt.map")
         _check_inputs(config)
-        return config
-    except (TypeError, ValueError) as error:
+    except ValueError as error:
         raise DataError(path, str(error)) from None
+    return config
 
 
 def _check_inputs(config: FlowConfig) -> None:
     """The data and scenes the file names must exist now, before any flow (or Prefect) starts."""
-    given = {"data.root": (config.data.root, "folder")}
+    given = {"data.root": (config.data.root, "folder"), "data.classes": (config.data.classes, "file")}
     if config.adapt is not None:
-        given.update({
-            "adapt.image": (config.adapt.image, "file"), "adapt.labels": (config.adapt.labels, "file"),
-            **{f"adapt.scenes[{i}]": (scene, "file") for i, scene in enumerate(config.adapt.scenes)},
-        })
+        given.update(
+            {
+                "adapt.image": (config.adapt.image, "file"),
+                "adapt.labels": (config.adapt.labels, "file"),
+                **{f"adapt.scenes[{i}]": (scene, "file") for i, scene in enumerate(config.adapt.scenes)},
+            }
+        )
     for key, (path, kind) in given.items():
         if path is None:
             continue
@@ -305,84 +398,17 @@ def _check_inputs(config: FlowConfig) -> None:
             raise ValueError(f"{key}: {path} is not a {kind}")
 
 
-_UNSET = object()
+Config = TypeVar("Config")
 
 
-def _methods(entries: Any) -> Any:
-    """`name: {method: m, **settings}` (method defaults to the name) as MethodConfig fields."""
-    if entries is _UNSET:
-        return [dataclasses.asdict(method) for method in _default_methods()]
-    if not isinstance(entries, Mapping):
-        raise ValueError("methods: expected a mapping of run name -> {method: ..., settings}")
-    methods = []
-    for name, settings in entries.items():
-        if not isinstance(settings or {}, Mapping):
-            raise ValueError(f"methods.{name}: expected a mapping of settings, got {settings!r}")
-        settings = dict(settings or {})
-        method = settings.pop("method", name)
-        methods.append({"name": str(name), "method": method, "settings": settings})
-    return methods
+def _step_config(kind: type[Config], settings: Mapping[str, Any], where: str) -> Config:
+    """A step's dataclass checked by pydantic (its types, its `__post_init__`); ValueError names the key.
 
-
-def _build(kind: Any, value: Any, where: str, base: Path) -> Any:
-    """`value` converted to the annotated type `kind`; ValueError says which key is wrong."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where or 'file'}: expected a mapping, got {value!r}")
-        hints = typing.get_type_hints(kind)
-        known = [item.name for item in dataclasses.fields(kind)]
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(
-                f"{where or 'file'}: unknown key {unknown[0]!r}; known keys: {', '.join(known)}"
-            )
-        built = {
-            key: _build(hints[key], item, f"{where}.{key}".lstrip("."), base)
-            for key, item in value.items()
-        }
-        try:
-            return kind(**built)
-        except ValueError as error:
-            raise ValueError(f"{where or 'file'}: {error}") from None
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        problems = []
-        for option in (arg for arg in args if arg is not type(None)):
-            try:
-                return _build(option, value, where, base)
-            except ValueError as error:
-                problems.append(str(error))
-        raise ValueError(" or ".join(problems))
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        items = args[:1] * len(value) if args[-1] is Ellipsis else args
-        if len(items) != len(value):
-            raise ValueError(f"{where}: expected {len(items)} items, got {len(value)}")
-        return tuple(
-            _build(item, part, f"{where}[{i}]", base)
-            for i, (item, part) in enumerate(zip(items, value))
-        )
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return {
-            str(key): _build(args[1], item, f"{where}.{key}", base) for key, item in value.items()
-        }
-    if kind is Any:
-        return value
-    if kind is Path:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a path, got {value!r}")
-        return base / Path(value).expanduser()
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
-    return value
+    It is checked inside a list: a dataclass takes the config of what holds it, and this one refuses
+    unknown keys (pydantic takes no config for a dataclass itself)."""
+    adapter = TypeAdapter(list[kind], config=ConfigDict(extra="forbid"))  # type: ignore[valid-type]
+    try:
+        return adapter.validate_python([dict(settings)])[0]
+    except ValidationError as error:
+        details = [{**detail, "loc": detail["loc"][1:]} for detail in error.errors()]  # past the list index
+        raise ValueError(problems(details, kind, where, not_keys=_NOT_KEYS)) from None

@@ -3,6 +3,7 @@
 Flows run against the session's temporary Prefect server (tests/conftest_prefect.py); what they
 did is read back through the Prefect client, as the UI would show it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -68,26 +69,50 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert (proto.method, plus.method, plus.settings["second_order_from"]) == ("protonet", "mamlpp", 0.2)
     assert config.evaluation.shots == (1, 5)
     assert config.adapt_run == "fast-seed0"
+    assert config.adapt is not None
     assert config.layout.prediction(config.adapt.scenes[1]) == config.output / "maps" / "two.tif"
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("data: {sourc: sen12ms}", "data: unknown key 'sourc'; known keys: source, root"),
-        ("data: {source: eurosat}", "data.source: 'eurosat' is not one of sen12ms, deepglobe"),
+        ("data: {sourc: sen12ms}", "data: unknown key 'sourc'; known keys: source, root, classes"),
+        ("data: {source: eurosat}", "data.source: 'eurosat' is not one of sen12ms, dfc2020, deepglobe, folder, pairs"),
+        # sources that take a classes file, or that the generator does not write
+        ("data: {source: pairs, root: .}", "data: the pairs source needs classes: (its classes file)"),
+        ("data: {classes: c.yaml}", "data: classes: does not apply to the sen12ms source"),
+        ("data: {source: dfc2020}", "data: the dfc2020 source has no sample data: give root:"),
+        ("data: {source: pairs, root: ., classes: c.yaml}", "data.classes: "),
         ("evaluation: {episodes: many}", "evaluation.episodes: expected int, got 'many'"),
         ("methods: {maml: {iteratons: 3}}", "methods.maml: unknown key 'iteratons'"),
         ("methods: {m: {method: siamese}}", "methods.m: method: 'siamese' is not one of protonet, reptile, anil"),
         ("methods: {maml: {seed: 3}}", "'seed' is set for all methods at the top of the file"),
         ("methods: {}", "adapt needs a trained model"),
-        ("seeds: []", "seeds: name at least one seed"),
-        ("data: {grid: 0}", "data: grid and files_per_task must be at least 1"),
+        ("seeds: []", "seeds: expected 1 or more items, got 0"),
+        ("data: {grid: 0}", "data.grid: must be at least 1, got 0"),
         ("adapt: {method: random}", "adapt.method 'random' is none of methods"),
         ("- a list", "the file must hold a mapping"),
         ("data: [unclosed", "cannot read the flow config"),
         ("data: {root: nowhere}", "data.root: "),
         ("adapt: {image: scene.tif, labels: labels.gpkg}", "adapt.image: "),
+        # unknown keys, in the file's own parts and in a step's settings, named with the keys known there
+        ("adapt: {mapp: {}}", "adapt: unknown key 'mapp'; known keys: method, image, labels, scenes, map"),
+        ("methods: {maml: {shape: {n_wy: 3}}}", "methods.maml.shape: unknown key 'n_wy'; known keys: n_way, k_shot"),
+        ("adapt: {map: {foldz: 2}}", "adapt.map: unknown key 'foldz'; known keys: steps, lr, class_column"),
+        # wrong types: the key and the type it takes
+        ("data: {strict: maybe}", "data.strict: expected true or false, got 'maybe'"),
+        ("methods: {maml: {lr: fast}}", "methods.maml.lr: expected a number, got 'fast'"),
+        ("evaluation: {shots: [1, five]}", "evaluation.shots[1]: expected int, got 'five'"),
+        ("methods: {maml: 3}", "methods.maml: expected a mapping, got 3"),
+        # choices: the allowed values
+        ("regions: {by: dbscan}", "regions.by: 'dbscan' is not one of metadata, kmeans"),
+        ("task: detection", "task: 'detection' is not one of classification, segmentation"),
+        ("device: tpu", "device: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+        ("regions: {split: {holdout: [a]}}", "regions.split.holdout: 'holdout' is not one of train, val, test"),
+        # ranges, and every mistake of the file at once
+        ("regions: {split: [0.5, 0.5]}", "regions.split: expected 3 or more items, got 2"),
+        ("data: {sample: {size: 8}}", "data.sample.size: must be at least 16, got 8"),
+        ("data: {strict: maybe, grid: 0}", "data.strict: expected true or false, got 'maybe'; data.grid: must be at"),
     ],
 )
 def test_config_mistakes_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -154,8 +179,7 @@ def _last_end_to_end_run() -> UUID:
 def test_a_second_run_in_a_new_process_reuses_every_unchanged_step(tmp_path: Path) -> None:
     config = tmp_path / "flow.yaml"
     config.write_text(
-        "output: out\ndata: {sample: {regions: 3, size: 16}, files_per_task: 64}\n"
-        "methods: {}\nadapt: null\n"
+        "output: out\ndata: {sample: {regions: 3, size: 16}, files_per_task: 64}\nmethods: {}\nadapt: null\n"
     )
     # 3 scenes x 2 seasons x 64 patches = 384 files: 6 index parts
     steps_in_a_run = {"sample-data": 1, "plan-ingest": 1, "index-part": 6, "write-index": 1}
@@ -190,9 +214,7 @@ def test_a_second_run_in_a_new_process_reuses_every_unchanged_step(tmp_path: Pat
     state = end_to_end(str(config), return_state=True)
     third = task_states(state.state_details.flow_run_id, steps_in_a_run)
     assert sorted(third["index-part"]) == ["Cached"] * 5 + ["Completed"]
-    assert (third["sample-data"], third["write-index"], third["regions"]) == (
-        ["Cached"], ["Completed"], ["Completed"]
-    )
+    assert (third["sample-data"], third["write-index"], third["regions"]) == (["Cached"], ["Completed"], ["Completed"])
 
 
 # --- retries and artifacts ------------------------------------------------------------------
@@ -255,6 +277,7 @@ def test_the_evaluation_table_and_plot_are_flow_run_artifacts(tmp_path: Path) ->
             for key in ("evaluation-table", "accuracy-vs-shots")
         )
     assert table.type == plot.type == "markdown"
+    assert isinstance(table.data, str) and isinstance(plot.data, str)  # a markdown artifact's data is its text
     assert files.table in table.data and "| maml | 0.700 ± 0.050 |" in table.data
     encoded = plot.data.split("data:image/png;base64,", 1)[1].split(")", 1)[0]
     assert base64.b64decode(encoded) == files.plot.read_bytes()
