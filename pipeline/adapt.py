@@ -12,6 +12,7 @@ Every input is checked (models, scene, bands, labels, output paths) before anyth
 so a user mistake leaves the output folder as it was. Labelled pixels on the scene's nodata are
 dropped (and counted): no candidate sees what lies under them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ from geo.errors import DataError
 from geo.export import style_path, write_polygons
 from geo.labels import LabelledPixels, read_labels
 from geo.readers import finite_pixels, has_data, read_valid, read_window, scene_scaling
+from geo.stac import item_path, write_map_item
 from geo.windows import SceneMap, predict_scene
 from models.checkpoint import TRAIN_STATE, LoadedRun, RunConfig, load_checkpoint, load_run, save_run
 from models.device import pick_device
@@ -109,6 +111,8 @@ class MapResult:
     chosen: str = ""
     """The candidate that made the map."""
     report: MapReport | None = None
+    item: Path | None = None
+    """The map's STAC Item (`MAP.stac.json`, geo/stac.py), listing the files written with it."""
 
 
 def adapt(
@@ -133,20 +137,29 @@ def adapt(
     sources = _unique_sources([model_dir, *compare, *([PIXEL] if config.pixel else [])])
     _check_outputs(
         {"--out": out, "--probabilities": probabilities, "--vector": vector},
-        {"--model": model_dir, "--image": image, "--labels": labels, **{f"--compare {s}": s for s in sources[1:] if s != PIXEL}},
+        {
+            "--model": model_dir,
+            "--image": image,
+            "--labels": labels,
+            **{f"--compare {s}": s for s in sources[1:] if s != PIXEL},
+        },
         reports=config.check,
     )
     runs = {source: _load(Path(source), config.device, f", nor `{PIXEL}`") for source in sources if source != PIXEL}
     if save_adapted is not None:
         if not runs:
-            raise DataError(labels, "--save-adapted needs a run among --model/--compare (the pixel classifier alone is not a run)")
+            raise DataError(
+                labels, "--save-adapted needs a run among --model/--compare (the pixel classifier alone is not a run)"
+            )
         for source in runs:
             _check_adapted_dir(Path(save_adapted), Path(source))
     scheme = _common_scheme(runs)
     bands = _scene_bands(image, next(iter(runs.values())).config.bands if runs else None)
     stride = max([_stride(run.config) for run in runs.values()], default=1)
     if config.support_window < stride or config.support_window % stride:
-        raise ValueError(f"support_window ({config.support_window}) must be a multiple of the model's stride ({stride})")
+        raise ValueError(
+            f"support_window ({config.support_window}) must be a multiple of the model's stride ({stride})"
+        )
     pixels = read_labels(labels, image, scheme, config.class_column)
     on_data = _on_data(image, pixels, config.support_window, bands)
     if not on_data.any():
@@ -160,9 +173,7 @@ def adapt(
         raise DataError(labels, f"--pick {config.pick!r} is not best, first or a candidate: {', '.join(named)}")
     window, _ = _scene_window(image, config, stride)
     scene = labelled_scene(image, kept, config.support_window, window, bands)
-    validation = (
-        cross_validate(candidates, scene, spacing=config.spacing, folds=config.folds) if config.check else None
-    )
+    validation = cross_validate(candidates, scene, spacing=config.spacing, folds=config.folds) if config.check else None
     best = validation.best() if validation is not None else None
     wanted = {"best": best.name if best else named[0], "first": named[0]}.get(config.pick, config.pick)
     chosen = candidates[named.index(wanted)]
@@ -173,19 +184,50 @@ def adapt(
         report = None
         if validation is not None:
             report = write_map_report(
-                out, MapReportInput(
-                    scene=image, labels=labels, class_names=scheme.names, classes=scene.classes,
-                    targets=scene.targets, validation=validation, chosen=chosen.name, pick=config.pick,
+                out,
+                MapReportInput(
+                    scene=image,
+                    labels=labels,
+                    class_names=scheme.names,
+                    classes=scene.classes,
+                    targets=scene.targets,
+                    validation=validation,
+                    chosen=chosen.name,
+                    pick=config.pick,
                     descriptions={c.name: c.describe() for c in candidates},
                 ),
             )
+        estimate = report.chosen_estimate if report is not None else None
+        item = _write_item(
+            result,
+            out,
+            image,
+            scheme,
+            report,
+            {
+                "method": chosen.name,
+                "model": getattr(chosen, "source", None),
+                "labels": str(labels),
+                **(
+                    {"estimated_accuracy": estimate["accuracy"], "estimated_accuracy_ci95": estimate["ci95"]}
+                    if estimate is not None
+                    else {}
+                ),
+            },
+        )
     adapted_dir = None
     if save_adapted is not None:
         adapted_dir = _save_adapted(Path(save_adapted), chosen, predictor, runs, scene, model_dir)
     return dataclasses.replace(
-        result, labelled_pixels=len(kept), support_windows=len(scene.support_images), adapted_dir=adapted_dir,
-        nodata_labels=int((~on_data).sum()), conflicting_labels=pixels.conflicting, chosen=chosen.name,
+        result,
+        labelled_pixels=len(kept),
+        support_windows=len(scene.support_images),
+        adapted_dir=adapted_dir,
+        nodata_labels=int((~on_data).sum()),
+        conflicting_labels=pixels.conflicting,
+        chosen=chosen.name,
         report=report,
+        item=item,
     )
 
 
@@ -211,8 +253,8 @@ def _candidates(sources: Sequence[str], runs: dict[str, LoadedRun], config: MapC
         run = runs[source]
         if config.steps is not None or config.lr is not None:
             steps = config.steps if config.steps is not None else run.config.finetune_steps
-            budget = {"finetune_steps": steps, "finetune_lr": config.lr if config.lr is not None else run.config.finetune_lr}
-            run = dataclasses.replace(run, config=dataclasses.replace(run.config, **budget))
+            lr = config.lr if config.lr is not None else run.config.finetune_lr
+            run = dataclasses.replace(run, config=dataclasses.replace(run.config, finetune_steps=steps, finetune_lr=lr))
         if run.config.finetune_steps is None:
             raise DataError(Path(source), "has no fine-tuning budget (its training did not finish): give --steps")
         candidates += run_candidates(run, names[source], source=source, seed=config.seed)
@@ -233,7 +275,9 @@ def _common_scheme(runs: dict[str, LoadedRun]) -> ClassScheme:
     (first, first_run), *others = runs.items()
     for source, run in others:
         if run.config.class_names != first_run.config.class_names or run.config.bands != first_run.config.bands:
-            raise DataError(Path(source), f"has other classes or bands than {first}: compare runs of one class scheme and bands")
+            raise DataError(
+                Path(source), f"has other classes or bands than {first}: compare runs of one class scheme and bands"
+            )
     return _scheme(first_run.config)
 
 
@@ -245,9 +289,14 @@ def labelled_scene(
     support_images, support_at = cut_windows(image, pixels, support_size, bands)
     context_images, context_at = cut_windows(image, pixels, context_size, bands)
     return LabelledScene(
-        classes=classes, targets=np.searchsorted(classes, pixels.class_ids), rows=pixels.rows, cols=pixels.cols,
-        support_images=support_images, support_at=support_at,
-        context_images=context_images, context_at=context_at,
+        classes=classes,
+        targets=np.searchsorted(classes, pixels.class_ids),
+        rows=pixels.rows,
+        cols=pixels.cols,
+        support_images=support_images,
+        support_at=support_at,
+        context_images=context_images,
+        context_at=context_at,
     )
 
 
@@ -283,10 +332,13 @@ def cut_windows(
             finite_pixels(raw)
             images.append(scaling(raw))
             inside = (cell_rows == cell_row) & (cell_cols == cell_col)
-            at[inside] = np.column_stack([
-                np.full(int(inside.sum()), number), pixels.rows[inside] - int(window.row_off),
-                pixels.cols[inside] - int(window.col_off),
-            ])
+            at[inside] = np.column_stack(
+                [
+                    np.full(int(inside.sum()), number),
+                    pixels.rows[inside] - int(window.row_off),
+                    pixels.cols[inside] - int(window.col_off),
+                ]
+            )
     return np.stack(images), at
 
 
@@ -316,18 +368,58 @@ def predict_map(
     and maps with its closed-form head when adapting chose one."""
     _check_outputs(
         {"--out": out, "--probabilities": probabilities, "--vector": vector},
-        {"--model": model_dir, "--image": image}, reports=False,
+        {"--model": model_dir, "--image": image},
+        reports=False,
     )
     run = _load(model_dir, config.device)
     bands = _scene_bands(image, run.config.bands)
     scheme = _scheme(run.config)
     adapted = run.config.settings.get(ADAPTED_CLASSES)
     classes = np.asarray(adapted if adapted else range(scheme.num_classes), dtype=np.int64)
-    predictor = _saved_head(Path(model_dir), run, len(classes))
+    predictor: Predictor | None = _saved_head(Path(model_dir), run, len(classes))
     if predictor is None:
         model = run.model
         predictor = lambda batch: predict(model, batch, classes, batch_size=config.batch_size)  # noqa: E731
-    return _map(predictor, image, out, scheme, classes, probabilities, vector, config, _stride(run.config), bands)
+    with output_group():  # the map's files and its STAC item appear together
+        result = _map(predictor, image, out, scheme, classes, probabilities, vector, config, _stride(run.config), bands)
+        item = _write_item(
+            result,
+            out,
+            image,
+            scheme,
+            None,
+            {
+                "method": run.config.settings.get("adapted_candidate", run.config.method),
+                "model": str(model_dir),
+            },
+        )
+    return dataclasses.replace(result, item=item)
+
+
+def _write_item(
+    result: MapResult,
+    out: Path,
+    image: Path,
+    scheme: ClassScheme,
+    report: MapReport | None,
+    provenance: dict[str, object],
+) -> Path:
+    """The map's STAC Item, listing exactly the files this run writes with the map (so a map
+    rewritten without, say, probabilities has an item without them)."""
+    assets = {
+        "style": result.scene_map.style,
+        "probabilities": result.scene_map.probabilities,
+        "polygons": result.polygons,
+        "report": report.json if report is not None else None,
+        "report-markdown": report.markdown if report is not None else None,
+    }
+    return write_map_item(
+        out,
+        scheme,
+        scene=image,
+        assets=assets,
+        provenance={"scheme": scheme.name, "scene": str(image), **provenance},
+    )
 
 
 def _on_data(image: Path, pixels: LabelledPixels, size: int, bands: Sequence[int]) -> np.ndarray:
@@ -339,8 +431,10 @@ def _on_data(image: Path, pixels: LabelledPixels, size: int, bands: Sequence[int
             window = window.intersection(Window(0, 0, src.width, src.height))
             row, col = int(window.row_off), int(window.col_off)
             inside = (
-                (pixels.rows >= row) & (pixels.rows < row + int(window.height))
-                & (pixels.cols >= col) & (pixels.cols < col + int(window.width))
+                (pixels.rows >= row)
+                & (pixels.rows < row + int(window.height))
+                & (pixels.cols >= col)
+                & (pixels.cols < col + int(window.width))
             )
             _, valid = read_valid(src, window, bands)
             on_data[inside] = valid[pixels.rows[inside] - row, pixels.cols[inside] - col]
@@ -348,8 +442,16 @@ def _on_data(image: Path, pixels: LabelledPixels, size: int, bands: Sequence[int
 
 
 def _map(
-    predictor: Predictor, image: Path, out: Path, scheme: ClassScheme, classes: np.ndarray,
-    probabilities: Path | None, vector: Path | None, config: MapConfig, stride: int, bands: Sequence[int],
+    predictor: Predictor,
+    image: Path,
+    out: Path,
+    scheme: ClassScheme,
+    classes: np.ndarray,
+    probabilities: Path | None,
+    vector: Path | None,
+    config: MapConfig,
+    stride: int,
+    bands: Sequence[int],
 ) -> MapResult:
     window, overlap = _scene_window(image, config, stride)
 
@@ -363,21 +465,36 @@ def _map(
             for stale in report_paths(out).values():  # an earlier map's report; adapt writes its own
                 remove_output(stale)
             scene_map = predict_scene(
-                image, predict_batch, out, scheme=scheme, window=window, overlap=overlap,
-                batch_size=config.batch_size, bands=bands, probabilities_path=probabilities,
+                image,
+                predict_batch,
+                out,
+                scheme=scheme,
+                window=window,
+                overlap=overlap,
+                batch_size=config.batch_size,
+                bands=bands,
+                probabilities_path=probabilities,
             )
             polygons = write_polygons(out, vector, scheme) if vector is not None else None
     except (OSError, rasterio.errors.RasterioError) as error:  # an output folder we cannot write to
         raise DataError(out, f"cannot write the outputs: {error}") from None
     return MapResult(
-        scene_map=scene_map, classes=tuple(scheme.names[c] for c in classes),
-        labelled_pixels=0, support_windows=0, polygons=polygons, adapted_dir=None,
+        scene_map=scene_map,
+        classes=tuple(scheme.names[c] for c in classes),
+        labelled_pixels=0,
+        support_windows=0,
+        polygons=polygons,
+        adapted_dir=None,
     )
 
 
 def _save_adapted(
-    folder: Path, chosen: Candidate, predictor: Predictor, runs: dict[str, LoadedRun],
-    scene: LabelledScene, model_dir: Path | str,
+    folder: Path,
+    chosen: Candidate,
+    predictor: Predictor,
+    runs: dict[str, LoadedRun],
+    scene: LabelledScene,
+    model_dir: Path | str,
 ) -> Path:
     """The chosen candidate as a run `predict` maps with: the fine-tuned weights, or the run's
     network with the fitted head beside it (`head.pt`; for the pixel classifier, on the bands)."""
@@ -385,7 +502,9 @@ def _save_adapted(
     run = runs[source]
     model = predictor.model if isinstance(predictor, Tuned) else run.model
     settings = {
-        **run.config.settings, ADAPTED_CLASSES: scene.classes.tolist(), "adapted_from": str(model_dir),
+        **run.config.settings,
+        ADAPTED_CLASSES: scene.classes.tolist(),
+        "adapted_from": str(model_dir),
         "adapted_candidate": chosen.name,
     }
     adapted_config = dataclasses.replace(run.config, method=f"{run.config.method} adapted", settings=settings)
@@ -425,17 +544,16 @@ def _scene_window(image: Path, config: MapConfig, stride: int) -> tuple[int, int
 
 def _stride(config: RunConfig) -> int:
     """Input sides must be multiples of this (a U-Net halves its input encoder_depth times)."""
-    return 2 ** config.arch.encoder_depth if config.arch.name == "unet" else 1
+    return 2**config.arch.encoder_depth if config.arch.name == "unet" else 1
 
 
-def _check_outputs(
-    outputs: dict[str, Path | None], inputs: dict[str, Path | str], *, reports: bool
-) -> None:
+def _check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | str], *, reports: bool) -> None:
     """Outputs (and the QGIS style and reports beside the map) must be distinct and overwrite no input."""
     out = outputs["--out"]
     assert out is not None
     named = {option: Path(path).resolve() for option, path in outputs.items() if path is not None}
     named["the map's style"] = style_path(out).resolve()
+    named["the map's STAC item"] = item_path(out).resolve()
     if reports:
         named.update({f"the map's {kind} report": path.resolve() for kind, path in report_paths(out).items()})
     given = {option: Path(path).resolve() for option, path in inputs.items()}
@@ -507,7 +625,8 @@ def _match_bands(image: Path, descriptions: Sequence[str | None], bands: Sequenc
     if missing or twice:
         problem = f"no band {', '.join(missing)}" if missing else f"more than one band {', '.join(twice)}"
         raise DataError(
-            image, f"has bands {', '.join(map(str, descriptions))} ({problem}); the model needs "
+            image,
+            f"has bands {', '.join(map(str, descriptions))} ({problem}); the model needs "
             f"{', '.join(bands)}, in that order",
         )
     return [keys.index(_band_key(band)) + 1 for band in bands]

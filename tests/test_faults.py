@@ -20,6 +20,7 @@ the index), never for a length of time. The slowest processes start with the mod
 that their start overlaps the other tests. Mounting needs root: without it the full-disk tests are
 skipped, saying so.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-def invoke(*args: str | Path):
+def invoke(*args: str | Path | float):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
@@ -94,8 +95,9 @@ def run_dir(split_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """A tiny segmentation run (ProtoNet: no fine-tuning budget to pick, so a second to train)."""
     from pipeline.train import TrainConfig, train
 
-    config = TrainConfig(method="protonet", iterations=2, validate_every=1, validation_episodes=1,
-                         checkpoint_every=1, device="cpu")
+    config = TrainConfig(
+        method="protonet", iterations=2, validate_every=1, validation_episodes=1, checkpoint_every=1, device="cpu"
+    )
     return train(split_index, tmp_path_factory.mktemp("faults-run") / "run", config, progress=False).run_dir
 
 
@@ -115,8 +117,12 @@ class Killed:
         self.log = log
         self.facts = facts
         with open(log, "wb") as sink:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, command)],
-                                            cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", *map(str, command)],
+                cwd=REPO,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
         self.problem: str | None = None
         self.thread = threading.Thread(target=self._kill_when, args=(ready,), daemon=True)
         self.thread.start()
@@ -125,7 +131,9 @@ class Killed:
         deadline = time.monotonic() + 300
         while not ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.problem = f"the command ended ({self.process.poll()}) or took too long before the moment to kill it"
+                self.problem = (
+                    f"the command ended ({self.process.poll()}) or took too long before the moment to kill it"
+                )
                 return
             time.sleep(0.002)
         self.process.send_signal(signal.SIGKILL)
@@ -161,7 +169,11 @@ class StoppedServerRun:
         with open(self.log, "wb") as sink:
             self.process = subprocess.Popen(  # a session of its own: `close` ends it with its server
                 [sys.executable, "-m", "pipeline.cli", "run", "--config", str(self.config)],
-                cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=REPO,
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.problem: str | None = None
         self.watcher = threading.Thread(target=self._stop_the_server, daemon=True)
@@ -246,7 +258,7 @@ def early(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             if test in selected:
                 try:
                     early.started[test] = start(tmp_path_factory.mktemp("early"))
-                except Exception as error:  # noqa: BLE001 - the test it was for fails with it
+                except Exception as error:  # the test it was for fails with it
                     early.failed[test] = error
         yield early
     finally:
@@ -257,7 +269,9 @@ def early(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def _killed_predict(request: pytest.FixtureRequest, folder: Path) -> Killed:
     """A map (of the small scene) at --out, then `predict` of the big scene onto it, SIGKILLed as
     soon as it is writing a temporary file beside --out."""
-    run_dir, scene_files, big_scene = (request.getfixturevalue(name) for name in ("run_dir", "scene_files", "big_scene"))
+    run_dir, scene_files, big_scene = (
+        request.getfixturevalue(name) for name in ("run_dir", "scene_files", "big_scene")
+    )
     out = folder / "map.tif"
     previous = invoke("predict", "--model", run_dir, "--image", scene_files.image, "--out", out, "--device", "cpu")
     assert previous.exit_code == 0, previous.output
@@ -271,8 +285,22 @@ def _killed_adapt(request: pytest.FixtureRequest, folder: Path) -> Killed:
     into an empty folder, SIGKILLed as soon as it is writing a temporary file beside --out."""
     big_scene = request.getfixturevalue("big_scene")
     out = folder / "map.tif"
-    args = ["adapt", "--model", "pixel", "--image", big_scene.image, "--labels", big_scene.labels, "--out", out,
-            "--probabilities", folder / "probabilities.tif", "--no-check", "--device", "cpu"]
+    args = [
+        "adapt",
+        "--model",
+        "pixel",
+        "--image",
+        big_scene.image,
+        "--labels",
+        big_scene.labels,
+        "--out",
+        out,
+        "--probabilities",
+        folder / "probabilities.tif",
+        "--no-check",
+        "--device",
+        "cpu",
+    ]
     return Killed(args, folder / "adapt.log", lambda: writing(out), out=out, args=args)
 
 
@@ -286,7 +314,7 @@ def test_kill_9_while_predict_writes_leaves_the_previous_map_and_a_rerun_maps(
     killed.wait()
     out, before = killed.facts["out"], killed.facts["before"]
     assert {path: digest(path) for path in before} == before  # the previous map and style, untouched
-    assert visible(out.parent) == ["map.qml", "map.tif", "predict.log"]
+    assert visible(out.parent) == ["map.qml", "map.stac.json", "map.tif", "predict.log"]
     assert temporaries(out)  # killed while writing: its temporaries are left behind...
 
     again = invoke(*killed.facts["args"])
@@ -309,7 +337,7 @@ def test_kill_9_while_adapt_writes_leaves_no_map_and_a_rerun_maps(early: Early) 
     again = invoke(*killed.facts["args"])
     assert again.exit_code == 0, again.output
     assert temporaries(out) == [] and temporaries(probabilities) == []
-    assert visible(out.parent) == ["adapt.log", "map.qml", "map.tif", "probabilities.tif"]
+    assert visible(out.parent) == ["adapt.log", "map.qml", "map.stac.json", "map.tif", "probabilities.tif"]
     assert cog_validate(out)[0] and cog_validate(probabilities)[0]
 
 
@@ -346,8 +374,11 @@ def test_kill_9_while_ingest_works_leaves_the_previous_index_and_a_rerun_writes(
     before = digest(out)
     log = tmp_path / "ingest.log"
     moved = re.compile(r"\b[1-9]\d*/\d+ ")
-    Killed(["ingest", sen12ms_root, "--source", "sen12ms", "--out", out, "--workers", "1"], log,
-           lambda: bool(moved.search(log.read_text(errors="replace")))).wait()
+    Killed(
+        ["ingest", sen12ms_root, "--source", "sen12ms", "--out", out, "--workers", "1"],
+        log,
+        lambda: bool(moved.search(log.read_text(errors="replace"))),
+    ).wait()
     assert digest(out) == before
 
     again = invoke("ingest", sen12ms_root, "--source", "sen12ms", "--out", out)
@@ -369,8 +400,12 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
         folder.mkdir()
         if shutil.which("mount") is None:
             pytest.skip("no `mount` command to mount a small tmpfs as a full disk")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=False,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {done.stderr.strip()}")
         mounted.append(folder)
@@ -398,7 +433,7 @@ def assert_full_disk_error(output: str, folder: Path, names: tuple[str, ...]) ->
     lines = error_lines(output)
     assert len(lines) == 1, output
     prefix = f"error: {folder}: no space left on device while writing "
-    assert lines[0].startswith(prefix) and lines[0][len(prefix):].split(" ")[0] in names, output
+    assert lines[0].startswith(prefix) and lines[0][len(prefix) :].split(" ")[0] in names, output
     assert "Traceback" not in output
 
 
@@ -422,8 +457,19 @@ def test_a_full_disk_during_predict_keeps_the_previous_map_and_leaves_no_partial
     before = {path.name: digest(path) for path in disk.iterdir()}
     filler = fill(disk, leave=64 * 1024)  # the big scene's map does not fit in what is left
 
-    result = invoke("predict", "--model", run_dir, "--image", big_scene.image, "--out", out,
-                    "--probabilities", disk / "probabilities.tif", "--device", "cpu")
+    result = invoke(
+        "predict",
+        "--model",
+        run_dir,
+        "--image",
+        big_scene.image,
+        "--out",
+        out,
+        "--probabilities",
+        disk / "probabilities.tif",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 1, result.output
     assert_full_disk_error(result.output, disk, ("map.tif", "probabilities.tif"))
     filler.unlink()
@@ -439,9 +485,24 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_training_
     run = disk / "run"
 
     def train(iterations: int):
-        return invoke("train", split_index, "--method", "protonet", "--iterations", iterations,
-                      "--validate-every", 1, "--validation-episodes", 1, "--checkpoint-every", 1,
-                      "--device", "cpu", "--out", run)
+        return invoke(
+            "train",
+            split_index,
+            "--method",
+            "protonet",
+            "--iterations",
+            iterations,
+            "--validate-every",
+            1,
+            "--validation-episodes",
+            1,
+            "--checkpoint-every",
+            1,
+            "--device",
+            "cpu",
+            "--out",
+            run,
+        )
 
     first = train(2)
     assert first.exit_code == 0, first.output
@@ -492,9 +553,10 @@ def test_a_dask_worker_killed_during_ingest_the_flow_still_writes_the_same_index
 
             killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
             killer.start()
-            state = ingest_flow.with_options(task_runner=runner, result_storage=tmp_path / "cache")(
-                "sen12ms", sen12ms_root, out, files_per_task=32, return_state=True
-            )
+            state = ingest_flow.with_options(
+                task_runner=runner,  # type: ignore[arg-type]  # prefect_dask's typing: see flows.dask
+                result_storage=tmp_path / "cache",
+            )("sen12ms", sen12ms_root, out, files_per_task=32, return_state=True)
             killer.join(10)
             after = client.run(os.getpid)
     assert killed, "no worker was ever busy to be killed"
@@ -530,7 +592,9 @@ def test_the_prefect_server_stopped_during_a_run_is_one_line_and_the_next_run_re
     assert re.fullmatch(
         rf"error: {re.escape(str(run.output))}: the Prefect server at http://127\.0\.0\.1:\d+/api stopped "
         r"during the run \(.+\); the steps that completed are kept in \.prefect-cache here and the next "
-        r"`landcover run` reuses them", lines[0]), lines[0]
+        r"`landcover run` reuses them",
+        lines[0],
+    ), lines[0]
     completed = [match["name"] for match in FINISHED.finditer(output)]
     assert {"sample-data", "index-part"} <= set(completed), output[-3000:]  # write-index: racing the kill
     index_written = run.index.stat().st_mtime_ns
@@ -569,14 +633,21 @@ def test_two_adapts_writing_the_same_out_at_once_leave_one_complete_map_never_a_
     maps = tmp_path / "maps"
     out = maps / "map.tif"
     outputs = {"probabilities": maps / "probabilities.tif", "vector": maps / "map.gpkg"}
-    every = ["map.gpkg", "map.qml", "map.report.json", "map.report.md", "map.tif", "probabilities.tif"]
+    every = ["map.gpkg", "map.qml", "map.report.json", "map.report.md", "map.stac.json", "map.tif", "probabilities.tif"]
     failures: list[BaseException] = []
 
     def run(name: str) -> None:
         try:
-            adapt("pixel", scene_files.image, label_files[name], out, **outputs,
-                  config=MapConfig(device="cpu", folds=2, spacing=0))
-        except BaseException as error:  # noqa: BLE001 - reported below
+            adapt(
+                "pixel",
+                scene_files.image,
+                label_files[name],
+                out,
+                probabilities=outputs["probabilities"],
+                vector=outputs["vector"],
+                config=MapConfig(device="cpu", folds=2, spacing=0),
+            )
+        except BaseException as error:  # reported below
             failures.append(error)
 
     threads = [threading.Thread(target=run, args=(name,)) for name in halves]
@@ -598,6 +669,8 @@ def test_two_adapts_writing_the_same_out_at_once_leave_one_complete_map_never_a_
     # be that run's (its classes only, and the map the argmax of the probabilities).
     report = json.loads(out.with_name("map.report.json").read_text())
     winner = next(name for name, path in label_files.items() if report["labels"] == str(path))
+    item = json.loads(out.with_name("map.stac.json").read_text())
+    assert item["properties"]["landcover:labels"] == str(label_files[winner])
     assert set(report["labels_per_class"]) == set(halves[winner])
     assert f"Labels: {label_files[winner]} " in out.with_name("map.report.md").read_text()
     ids = {DFC10.names.index(name) for name in halves[winner]}
