@@ -20,6 +20,7 @@ from prefect.deployments.runner import EntrypointType
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_CLIENT_MAX_RETRIES,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     PREFECT_TASKS_REFRESH_CACHE,
     temporary_settings,
 )
@@ -202,6 +203,12 @@ exponential back-off would hold the run for minutes before saying so; a server t
 (PREFECT_API_URL) keeps the default, as it may come back."""
 
 
+OWN_SERVER_STARTUP_SECONDS = 90
+"""How long a run waits for the server it starts. Prefect's default (20 s) is too short on a busy
+2-core machine, where the server's imports alone can take that long, and the run then fails
+before it began."""
+
+
 @contextlib.contextmanager
 def _one_server() -> Iterator[Any]:
     """Without PREFECT_API_URL every process, Dask workers too, would start a temporary server of
@@ -213,7 +220,7 @@ def _one_server() -> Iterator[Any]:
     from prefect.server.api.server import SubprocessASGIServer  # the server's code: import late
 
     server = SubprocessASGIServer()
-    server.start()
+    server.start(timeout=max(OWN_SERVER_STARTUP_SECONDS, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_CLIENT_MAX_RETRIES: OWN_SERVER_RETRIES}):
         yield server
 
