@@ -1,9 +1,11 @@
 """The tile index: one GeoParquet row per patch or tile, with what later steps need of its pixels.
 
-Columns and metadata follow ARCHITECTURE.md. Building it streams: each worker thread holds one
-tile's pixels at a time (rasterio releases the GIL while it reads), and the per-band statistics
-computed here let KMeans regions work without reading pixels again. A bad file is recorded with
-its reason and left out; the caller decides whether that is fatal.
+Columns and metadata follow ARCHITECTURE.md. Building it streams: each worker holds one tile's
+pixels at a time, read in one go as the file stores them and summarised from per-band histograms
+(`stored_band_statistics`), and the per-band statistics computed here let KMeans regions work
+without reading pixels again. The workers are processes where fork is cheap and safe (Linux):
+opening a GeoTIFF (its CRS) and counting pixels hold the GIL, so threads would share one core. A
+bad file is recorded with its reason and left out; the caller decides whether that is fatal.
 
 The steps are separate so a Prefect/Dask flow can spread them: `discover` the files,
 `index_file` each one anywhere, `assemble` the parts, `write_index`.
@@ -13,27 +15,30 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
+import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import geopandas as gpd
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import rasterio
 from rasterio.warp import transform_bounds
 from shapely.geometry import box
-from tqdm import tqdm
 
 from geo.atomic import atomic_output
 from geo.classes import IGNORE_INDEX
 from geo.errors import DataError
-from geo.readers import LocatedTile, SourceFile, read_tiles
+from geo.progress import progress_bar
+from geo.readers import BULK_READS, LocatedTile, Scaling, SourceFile, read_tiles
 from geo.sources import as_source
 from geo.sources.base import Dataset, Source
 
@@ -56,6 +61,8 @@ COLUMNS: tuple[str, ...] = (
 )
 STATISTICS: tuple[str, ...] = ("mean", "std", "q10", "q50", "q90")
 """Per-band statistics in `features`, band by band."""
+QUANTILES = np.array([0.1, 0.5, 0.9])
+"""The quantiles among the STATISTICS."""
 PATH_COLUMNS: tuple[str, ...] = ("path", "label_path", "s1_path")
 """Columns of file paths: stored relative to the dataset root, read back absolute."""
 METADATA_KEY = b"landcover"
@@ -106,7 +113,7 @@ def band_statistics(image: np.ndarray) -> np.ndarray:
 
 def _statistics(values: np.ndarray) -> np.ndarray:
     """Mean, std, q10, q50, q90 of sorted values."""
-    position = np.array([0.1, 0.5, 0.9]) * (len(values) - 1)
+    position = QUANTILES * (len(values) - 1)
     below = np.floor(position).astype(int)
     above = np.minimum(below + 1, len(values) - 1)
     lower = values[below].astype(np.float64)
@@ -114,27 +121,108 @@ def _statistics(values: np.ndarray) -> np.ndarray:
     return np.array([values.mean(dtype=np.float64), values.std(dtype=np.float64), *quantiles])
 
 
+def stored_band_statistics(pixels: np.ndarray, scaling: Scaling) -> np.ndarray | None:
+    """`band_statistics(scaling(pixels))` from (C, H, W) pixels as stored, without scaling or
+    sorting them: for 8- and 16-bit integers (every pixel finite), from each band's histogram of
+    stored values and the table of what each value scales to (`_value_table`, once per scaling).
+    The quantiles are np.quantile's (linear) of the scaled pixels exactly; mean and std agree to
+    float64 rounding. None for other pixels (floats: NaN is nodata; wider integers)."""
+    table = _value_table(pixels.dtype, scaling, pixels.shape[0])
+    if table is None:
+        return None
+    codes = _codes(pixels).reshape(len(pixels), -1)  # band by band: one copy of an interleaved read
+    count = codes.shape[1]
+    position = QUANTILES * (count - 1)
+    below = np.floor(position)
+    above = np.minimum(below + 1, count - 1)
+    statistics = np.empty((len(codes), len(STATISTICS)))
+    for band, (band_codes, values, order) in enumerate(zip(codes, table.values, table.orders)):
+        if order is None:  # values rise with codes: the histogram from the lowest code present
+            counts = np.bincount(band_codes)
+            lowest = int(np.flatnonzero(counts)[0])
+            counts, values = counts[lowest:], values[lowest : len(counts)]
+        else:
+            counts = np.bincount(band_codes, minlength=len(values))[order]
+            values = values[order]
+        # the k-th smallest scaled pixel is the value of the first code whose cumulative count exceeds k
+        ends = np.cumsum(counts)
+        lower = values[np.searchsorted(ends, below, side="right")]
+        upper = values[np.searchsorted(ends, above, side="right")]
+        mean = counts @ values / count
+        statistics[band] = (
+            mean,
+            np.sqrt(counts @ np.square(values - mean) / count),
+            *(lower + (position - below) * (upper - lower)),
+        )
+    return statistics.ravel()
+
+
+@dataclass(frozen=True)
+class _ValueTable:
+    """Per band, the scaled value (float32, held as float64) of every stored code, and the codes'
+    order by scaled value (None where it is their own order, as in untagged bands)."""
+
+    values: np.ndarray
+    orders: list[np.ndarray | None]
+
+
+def _codes(pixels: np.ndarray) -> np.ndarray:
+    """8- or 16-bit integers (native byte order) as unsigned codes in the order of their values:
+    signed ones with the sign bit flipped. Its own inverse, viewed back as the signed type."""
+    unsigned = pixels.view(f"u{pixels.dtype.itemsize}")
+    if pixels.dtype.kind != "i":
+        return unsigned
+    return unsigned ^ unsigned.dtype.type(1 << (8 * pixels.dtype.itemsize - 1))
+
+
+@lru_cache(maxsize=4)
+def _value_table(dtype: np.dtype, scaling: Scaling, bands: int) -> _ValueTable | None:
+    """What each code of `dtype` scales to in each band, through the same `scaling` as the pixels
+    (so every scale/offset tag and clip is as `scale_image` does it); None where some code scales
+    to a non-finite value."""
+    if dtype.kind not in "ui" or dtype.itemsize > 2:
+        return None
+    codes = np.arange(1 << (8 * dtype.itemsize)).astype(f"u{dtype.itemsize}")
+    stored = _codes(codes.view(dtype)).view(dtype)
+    values = scaling(np.broadcast_to(stored, (bands, 1, len(stored)))).reshape(bands, -1)
+    if not np.isfinite(values).all():
+        return None
+    orders = [None if (np.diff(band) >= 0).all() else np.argsort(band, kind="stable") for band in values]
+    return _ValueTable(values.astype(np.float64), orders)
+
+
 def index_file(source: Source, file: SourceFile, *, grid: int, num_classes: int) -> FileIndex:
     """Read one file tile by tile into index rows; a DataError becomes a Skipped entry."""
     try:
-        tiles = read_tiles(source, file, grid=grid if source.cut_into_grid else 1)
-        return FileIndex(rows=[_row(source, file, located, num_classes) for located in tiles])
+        with rasterio.Env(**BULK_READS):
+            tiles = read_tiles(source, file, grid=grid if source.cut_into_grid else 1, as_stored=True)
+            return FileIndex(rows=[_row(source, file, located, num_classes) for located in tiles])
     except DataError as error:
         return FileIndex(skipped=Skipped(error.path, error.problem))
 
 
 def _row(source: Source, file: SourceFile, located: LocatedTile, num_classes: int) -> dict[str, Any]:
-    """A tile's row; pixels not finite in some band (NaN, +-inf: nodata) count in no statistic."""
-    image, mask, window = located.tile.image, located.tile.mask, located.window
-    finite = np.isfinite(image)
-    empty = np.flatnonzero(~finite.any(axis=(1, 2))) + 1
-    if len(empty):
-        raise DataError(
-            file.path,
-            f"band(s) {', '.join(map(str, empty))} hold no finite pixel (all NaN or +-inf): nothing to index",
-        )
-    labelled = (mask != IGNORE_INDEX) & finite.all(axis=0)
-    counts = np.bincount(mask[labelled], minlength=num_classes)[:num_classes]
+    """A tile's row; pixels not finite in some band (NaN, +-inf: nodata) count in no statistic.
+
+    `located` holds the pixels as stored (`read_tiles(as_stored=True)`): integer pixels are
+    summarised from their histograms, others scaled first.
+    """
+    pixels, mask, window = located.tile.image, located.tile.mask, located.window
+    features = None if located.scaling is None else stored_band_statistics(pixels, located.scaling)
+    if features is not None:  # 8- or 16-bit integers: every pixel is finite
+        counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]  # IGNORE_INDEX lies past the classes
+    else:
+        image = pixels if located.scaling is None else located.scaling(pixels)
+        finite = np.isfinite(image)
+        empty = np.flatnonzero(~finite.any(axis=(1, 2))) + 1
+        if len(empty):
+            raise DataError(
+                file.path,
+                f"band(s) {', '.join(map(str, empty))} hold no finite pixel (all NaN or +-inf): nothing to index",
+            )
+        labelled = (mask != IGNORE_INDEX) & finite.all(axis=0)
+        features = band_statistics(image)
+        counts = np.bincount(mask[labelled], minlength=num_classes)[:num_classes]
     if located.crs is None or located.bounds is None:  # not georeferenced: a box in pixel space (x = column, y = row)
         footprint = box(
             window.col_off,
@@ -158,7 +246,7 @@ def _row(source: Source, file: SourceFile, located: LocatedTile, num_classes: in
         "height": int(window.height),
         "class_counts": counts.tolist(),
         "majority_class": int(counts.argmax()) if counts.sum() else -1,
-        "features": band_statistics(image).tolist(),
+        "features": features.tolist(),
         "geometry": footprint,
     }
 
@@ -222,7 +310,8 @@ def build_index(
     progress: bool = True,
     grid: int = 4,
 ) -> IndexResult:
-    """Index every file of a dataset with a thread pool; rows come in sorted-path order.
+    """Index every file of a dataset with `workers` parallel readers (default: one per core, at
+    most 8; see `reader_pool`); rows come in sorted-path order whatever their number.
 
     `grid` cuts each image of a source that is cut into grid x grid tiles (DeepGlobe, pairs); the
     others are one tile per file.
@@ -234,20 +323,45 @@ def build_index(
     work = partial(index_file, source, grid=grid, num_classes=dataset.scheme.num_classes)
     workers = workers or min(8, os.cpu_count() or 1)
     with (
-        ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(
-            total=len(dataset.files),
-            desc=f"ingest {source.name}",
-            unit="file",
-            disable=not progress,
-            delay=1.0,
-        ) as bar,
+        reader_pool(workers, len(dataset.files)) as pool,
+        progress_bar(len(dataset.files), f"ingest {source.name}", unit="files", enabled=progress) as bar,
     ):
         parts = []
-        for part in pool.map(work, dataset.files):
+        for part in pool.map(work, dataset.files, chunksize=max(1, min(8, len(dataset.files) // (4 * workers)))):
             parts.append(part)
             bar.update()
     return assemble(dataset, parts, grid=grid)
+
+
+T = TypeVar("T")
+
+
+def reader_pool(workers: int, files: int) -> Executor:
+    """Where `build_index` reads `files` files with `workers` workers: in this process for one,
+    else a pool of processes forked from this one on Linux (the results are small rows), threads
+    elsewhere (spawning a process costs seconds of imports)."""
+    if workers <= 1 or files <= 1:
+        return _InProcess()
+    if sys.platform == "linux":
+        return ProcessPoolExecutor(max_workers=min(workers, files), mp_context=multiprocessing.get_context("fork"))
+    return ThreadPoolExecutor(max_workers=workers)
+
+
+class _InProcess(Executor):
+    """An executor that runs the work here, lazily and in order, when it is asked for."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:
+            future.set_exception(error)
+        return future
+
+    def map(
+        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[T]:
+        return map(fn, *iterables)
 
 
 def write_index(frame: gpd.GeoDataFrame, path: str | Path, metadata: Mapping[str, Any]) -> Path:

@@ -21,6 +21,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.enums import Interleaving
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
@@ -58,6 +59,9 @@ class LocatedTile:
     crs: CRS | None
     bounds: tuple[float, float, float, float] | None
     """Window bounds (left, bottom, right, top) in `crs`; None when not georeferenced."""
+    scaling: Scaling | None = None
+    """With `read_tiles(..., as_stored=True)`: what turns `tile.image`, the pixels as stored, into
+    the scaled image."""
 
 
 @dataclass(frozen=True)
@@ -100,13 +104,24 @@ def scale_image(
     return scaled
 
 
-def scene_scaling(dataset: DatasetReader, indexes: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
+@dataclass(frozen=True)
+class Scaling:
+    """`scale_image` with the scale/offset tags of some bands, in order: a callable that, being
+    hashable, lets what depends only on it (ingest's table of scaled values) be computed once."""
+
+    scales: tuple[float, ...]
+    offsets: tuple[float, ...]
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        return scale_image(array, self.scales, self.offsets)
+
+
+def scene_scaling(dataset: DatasetReader, indexes: Sequence[int]) -> Scaling:
     """`scale_image` with the scale/offset tags of the bands `indexes` (1-based) of `dataset`, for
     pixels read from those bands in that order."""
-    return partial(
-        scale_image,
-        scales=[dataset.scales[index - 1] for index in indexes],
-        offsets=[dataset.offsets[index - 1] for index in indexes],
+    return Scaling(
+        scales=tuple(float(dataset.scales[index - 1]) for index in indexes),
+        offsets=tuple(float(dataset.offsets[index - 1]) for index in indexes),
     )
 
 
@@ -125,10 +140,14 @@ def read_tiles(
     grid: int = 1,
     window: Window | None = None,
     with_s1: bool = False,
+    as_stored: bool = False,
 ) -> Iterator[LocatedTile]:
     """Tiles of one file: the given window, else a grid x grid cut (1 = the whole file).
 
     The files stay open across the tiles, so a JPEG is not decoded again for every tile.
+    `as_stored`: `tile.image` holds the pixels as the file stores them (`read_as_stored`: dtype,
+    memory layout) and `LocatedTile.scaling` scales them, for a reader (ingest) that needs less
+    than the scaled image.
     """
     with contextlib.ExitStack() as stack:
         image = _open(stack, file.path)
@@ -149,18 +168,24 @@ def read_tiles(
         except ValueError as error:
             raise DataError(file.path, str(error)) from None
         scaling = scene_scaling(image, image.indexes)
+        georeferenced = image.crs is not None
+        crs = image.crs if georeferenced else None
         for tile_window in windows:
             tile = Tile(
-                image=scaling(read_window(image, file.path, tile_window)),
+                image=(
+                    read_as_stored(image, file.path, tile_window)
+                    if as_stored
+                    else scaling(read_window(image, file.path, tile_window))
+                ),
                 mask=source.read_mask(file, labels, tile_window),
                 s1=None if read_s1 is None else read_s1(tile_window).astype(np.float32),
             )
-            georeferenced = image.crs is not None
             yield LocatedTile(
                 tile,
                 tile_window,
-                image.crs if georeferenced else None,
+                crs,
                 _bounds(tile_window, image.transform) if georeferenced else None,
+                scaling if as_stored else None,
             )
 
 
@@ -231,6 +256,29 @@ def read_window(
         if boundless:
             return dataset.read(indexes, window=window, boundless=True, fill_value=0)
         return dataset.read(indexes, window=window)
+
+
+def read_as_stored(dataset: DatasetReader, path: str | Path, window: Window) -> np.ndarray:
+    """All bands of a window, raw, in one read: (C, H, W) laid out in memory as the file stores
+    them, so GDAL copies whole pixels rather than gathering them band by band: a pixel-interleaved
+    file (GeoTIFF's default, SEN12MS) gives a (C, H, W) view of (H, W, C) memory. Under
+    `BULK_READS` an uncompressed GeoTIFF is read straight from the mapped file, not block by
+    block through GDAL's cache (a SEN12MS patch has one block per band and row). DataError naming
+    `path` where GDAL cannot read them."""
+    out = None
+    if dataset.count > 1 and dataset.interleaving == Interleaving.pixel and len(set(dataset.dtypes)) == 1:
+        height, width = int(window.height), int(window.width)
+        out = np.empty((height, width, dataset.count), dataset.dtypes[0]).transpose(2, 0, 1)
+    with _reading(path):
+        return dataset.read(window=window, out=out)
+
+
+BULK_READS: Mapping[str, str] = {"GTIFF_VIRTUAL_MEM_IO": "IF_ENOUGH_RAM", "GDAL_DISABLE_READDIR_ON_OPEN": "TRUE"}
+"""GDAL settings (`rasterio.Env(**BULK_READS)`) for reading many files whole, as ingest does: an
+uncompressed GeoTIFF window is copied from the memory-mapped file (where GDAL sees that the file
+holds every block: a truncated file fails as without it) rather than block by block through
+GDAL's cache, and opening a file probes its own sidecar files (.aux.xml, .msk, .ovr) instead of
+listing its folder, which for SEN12MS holds every patch of a scene."""
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from geo.classes import DFC10, IGNORE_INDEX, SCHEMES, ClassScheme
 from geo.errors import DataError
 from geo.export import style_path, write_polygons
 from geo.labels import LabelledPixels, read_labels
+from geo.progress import phase, progress_bar
 from geo.readers import finite_pixels, has_data, read_valid, read_window, scene_scaling
 from geo.stac import item_path, write_map_item
 from geo.windows import SceneMap, predict_scene
@@ -126,11 +127,13 @@ def adapt(
     vector: Path | None = None,
     save_adapted: Path | None = None,
     config: MapConfig = MapConfig(),
+    progress: bool = True,
 ) -> MapResult:
     """Adapt every candidate (`model_dir` and `compare`: run directories or "pixel"; the pixel
     classifier joins them unless `config.pixel` is False) to the labels
     of `image`, cross-validate them on spatially blocked folds of the labels, map the scene with
-    the best (or the first) and write the map, its report and the optional outputs.
+    the best (or the first) and write the map, its report and the optional outputs; `progress`
+    shows the cross-validation and the map's progress (stderr).
 
     The adapted model is saved (with `save_adapted`) only once the map is written.
     """
@@ -173,14 +176,31 @@ def adapt(
         raise DataError(labels, f"--pick {config.pick!r} is not best, first or a candidate: {', '.join(named)}")
     window, _ = _scene_window(image, config, stride)
     scene = labelled_scene(image, kept, config.support_window, window, bands)
-    validation = cross_validate(candidates, scene, spacing=config.spacing, folds=config.folds) if config.check else None
+    validation = (
+        cross_validate(candidates, scene, spacing=config.spacing, folds=config.folds, progress=progress)
+        if config.check
+        else None
+    )
     best = validation.best() if validation is not None else None
     wanted = {"best": best.name if best else named[0], "first": named[0]}.get(config.pick, config.pick)
     chosen = candidates[named.index(wanted)]
     everything = np.ones(len(scene), dtype=bool)
+    phase(f"adapt: fitting {chosen.name} on all {len(scene)} labelled pixels", enabled=progress)
     predictor = chosen.fit(scene.support(everything, context=chosen.fits_on_context))
     with output_group():  # the map, its style, probabilities, polygons and reports appear together
-        result = _map(predictor, image, out, scheme, scene.classes, probabilities, vector, config, stride, bands)
+        result = _map(
+            predictor,
+            image,
+            out,
+            scheme,
+            scene.classes,
+            probabilities,
+            vector,
+            config,
+            stride,
+            bands,
+            progress=progress,
+        )
         report = None
         if validation is not None:
             report = write_map_report(
@@ -363,9 +383,11 @@ def predict_map(
     probabilities: Path | None = None,
     vector: Path | None = None,
     config: MapConfig = MapConfig(),
+    progress: bool = True,
 ) -> MapResult:
     """Map a scene with a model as it is: an adapted one keeps to the classes it was adapted to,
-    and maps with its closed-form head when adapting chose one."""
+    and maps with its closed-form head when adapting chose one; `progress` shows the map's
+    progress (stderr)."""
     _check_outputs(
         {"--out": out, "--probabilities": probabilities, "--vector": vector},
         {"--model": model_dir, "--image": image},
@@ -381,7 +403,19 @@ def predict_map(
         model = run.model
         predictor = lambda batch: predict(model, batch, classes, batch_size=config.batch_size)  # noqa: E731
     with output_group():  # the map's files and its STAC item appear together
-        result = _map(predictor, image, out, scheme, classes, probabilities, vector, config, _stride(run.config), bands)
+        result = _map(
+            predictor,
+            image,
+            out,
+            scheme,
+            classes,
+            probabilities,
+            vector,
+            config,
+            _stride(run.config),
+            bands,
+            progress=progress,
+        )
         item = _write_item(
             result,
             out,
@@ -452,8 +486,12 @@ def _map(
     config: MapConfig,
     stride: int,
     bands: Sequence[int],
+    *,
+    progress: bool,
 ) -> MapResult:
     window, overlap = _scene_window(image, config, stride)
+    with rasterio.open(image) as src:
+        rows = src.height
 
     def predict_batch(batch: np.ndarray) -> np.ndarray:
         scores = np.full((batch.shape[0], scheme.num_classes, *batch.shape[2:]), -np.inf, np.float32)
@@ -464,17 +502,25 @@ def _map(
         with output_group():  # all of the map's files appear together (or none): geo/atomic.py
             for stale in report_paths(out).values():  # an earlier map's report; adapt writes its own
                 remove_output(stale)
-            scene_map = predict_scene(
-                image,
-                predict_batch,
-                out,
-                scheme=scheme,
-                window=window,
-                overlap=overlap,
-                batch_size=config.batch_size,
-                bands=bands,
-                probabilities_path=probabilities,
-            )
+            with progress_bar(rows, "map", unit="rows", enabled=progress) as bar:
+
+                def mapped(done: int, _rows: int) -> None:
+                    bar.update(done - bar.n)
+
+                scene_map = predict_scene(
+                    image,
+                    predict_batch,
+                    out,
+                    scheme=scheme,
+                    window=window,
+                    overlap=overlap,
+                    batch_size=config.batch_size,
+                    bands=bands,
+                    probabilities_path=probabilities,
+                    progress=mapped,
+                )
+            if vector is not None:
+                phase(f"map: writing polygons to {vector}", enabled=progress)
             polygons = write_polygons(out, vector, scheme) if vector is not None else None
     except (OSError, rasterio.errors.RasterioError) as error:  # an output folder we cannot write to
         raise DataError(out, f"cannot write the outputs: {error}") from None

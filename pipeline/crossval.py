@@ -23,6 +23,7 @@ import numpy as np
 from scipy.stats import norm
 
 from geo.classes import IGNORE_INDEX
+from geo.progress import progress_bar
 from pipeline.candidates import PIXEL, Candidate, Support
 
 DEFAULT_FOLDS = 5
@@ -138,8 +139,10 @@ def cross_validate(
     *,
     spacing: float = DEFAULT_SPACING,
     folds: int = DEFAULT_FOLDS,
+    progress: bool = False,
 ) -> CrossValidation:
-    """Fit every candidate on each fold's complement, predict the fold's labels, score them all."""
+    """Fit every candidate on each fold's complement, predict the fold's labels, score them all;
+    `progress` shows a bar over the fits, naming the candidate."""
     fold_of = spatial_folds(scene.rows, scene.cols, scene.targets, spacing=spacing, folds=folds)
     count = len(scene.classes)
     points = np.column_stack([scene.rows, scene.cols]).astype(np.float64)
@@ -156,16 +159,18 @@ def cross_validate(
         for label in range(count)
         if not scored[scene.targets == label].any()
     }
+    fitted = [fold for fold in np.unique(fold_of) if ((fold_of == fold) & scored).any()]
     estimates = []
-    for candidate in candidates:
-        probabilities = np.zeros((len(scene), count), dtype=np.float64)
-        for fold in np.unique(fold_of):
-            held = (fold_of == fold) & scored
-            if not held.any():
-                continue
-            predictor = candidate.fit(scene.support(training_of[fold], context=candidate.fits_on_context))
-            probabilities[held] = scene.probabilities_at(predictor(scene.context_images))[held]
-        estimates.append(_estimate(candidate, scene, probabilities, scored))
+    with progress_bar(len(candidates) * len(fitted), "cross-validate", unit="fits", enabled=progress) as bar:
+        for candidate in candidates:
+            bar.set_postfix_str(candidate.name, refresh=False)
+            probabilities = np.zeros((len(scene), count), dtype=np.float64)
+            for fold in fitted:
+                held = (fold_of == fold) & scored
+                predictor = candidate.fit(scene.support(training_of[fold], context=candidate.fits_on_context))
+                probabilities[held] = scene.probabilities_at(predictor(scene.context_images))[held]
+                bar.update()
+            estimates.append(_estimate(candidate, scene, probabilities, scored))
     return CrossValidation(fold_of, spacing, estimates, unscored)
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from geo.atomic import check_output_folder
 from geo.errors import DataError
+from geo.progress import progress_bar
 from models.backbones import build_model
 from models.checkpoint import LoadedRun, load_run
 from models.device import pick_device
@@ -132,14 +132,19 @@ def evaluate(
     protocol = config.protocol or ("scene" if task == "segmentation" else "episode")
     budget_shape = EpisodeShape(config.n_way, 5, config.q_queries, config.query_tiles)
     validation = data.episodes(
-        "val", task, budget_shape, config.validation_episodes, config.seed + 1, protocol=protocol
+        "val", task, budget_shape, config.validation_episodes, config.seed + 1, protocol=protocol, progress=progress
     )
-    test = data.episodes("test", task, shape, config.episodes, seed=config.seed, protocol=protocol)
+    test = data.episodes("test", task, shape, config.episodes, seed=config.seed, protocol=protocol, progress=progress)
 
     random_model = build_model(first.arch, seed=config.seed).to(device)
     grid = SCENE_FINETUNE_STEPS if protocol == "scene" else FINETUNE_STEPS
     random_budget = pick_budget(
-        random_model, validation, step_grid=grid, shots=(SCENE_SHOTS,) if protocol == "scene" else (1, 5)
+        random_model,
+        validation,
+        step_grid=grid,
+        shots=(SCENE_SHOTS,) if protocol == "scene" else (1, 5),
+        progress=progress,
+        desc=f"pick budget {RANDOM_INIT}",
     )
     assert random_budget.lr is not None  # given no learned rates, pick_budget picks one of its fixed rates
     methods.append(FinetuneCandidate(RANDOM_INIT, random_model, random_budget.steps, random_budget.lr))
@@ -157,24 +162,25 @@ def evaluate(
     budgets[RANDOM_INIT] = random_budget
 
     rows = []
-    bar = tqdm(total=len(methods) * len(config.shots) * len(test), desc="evaluate", disable=not progress)
-    for method in methods:
-        for shots in config.shots:
-            per_episode: list[dict[str, float]] = []
-            seconds: list[float] = []
-            for number, episode in enumerate(test):
-                cut = fewer_shots(episode, shots, seed=number)
-                per_episode.append(score_candidate(method, cut, seconds))
-                bar.update(1)
-            row = _summarise(method.name, shots, per_episode, segmentation=task == "segmentation")
-            rows.append(
-                {
-                    **row,
-                    "adapt_seconds": float(np.mean(seconds)),
-                    "train_seconds_per_iteration": per_iteration.get(method.name) or float("nan"),
-                }
-            )
-    bar.close()
+    total = len(methods) * len(config.shots) * len(test)
+    with progress_bar(total, "evaluate", unit="episodes", enabled=progress) as bar:
+        for method in methods:
+            for shots in config.shots:
+                bar.set_postfix_str(f"{method.name}, {shots}-shot", refresh=False)
+                per_episode: list[dict[str, float]] = []
+                seconds: list[float] = []
+                for number, episode in enumerate(test):
+                    cut = fewer_shots(episode, shots, seed=number)
+                    per_episode.append(score_candidate(method, cut, seconds))
+                    bar.update(1)
+                row = _summarise(method.name, shots, per_episode, segmentation=task == "segmentation")
+                rows.append(
+                    {
+                        **row,
+                        "adapt_seconds": float(np.mean(seconds)),
+                        "train_seconds_per_iteration": per_iteration.get(method.name) or float("nan"),
+                    }
+                )
     results = pd.DataFrame(rows)
     notes = _notes(methods, task, config, len(test), protocol)
     files = write_report(results, Path(out_dir), title=f"Few-shot {task} on {Path(index_path).name}", notes=notes)

@@ -19,6 +19,7 @@ from torch import nn
 
 from geo.errors import DataError
 from geo.index import read_index
+from geo.progress import progress_bar
 from geo.sources import index_source
 from geo.sources.base import Source
 from models.finetune import finetune, predict
@@ -154,12 +155,20 @@ class SplitIndex:
         count: int,
         seed: int,
         protocol: Protocol = "episode",
+        *,
+        progress: bool = False,
     ) -> list[Episode]:
-        """`count` seeded episodes of one split (the same list for every method)."""
+        """`count` seeded episodes of one split (the same list for every method); `progress`
+        shows a bar (reading tiles for them can take minutes on large images)."""
         sampler = self.sampler(split, task, shape, protocol)
         regions = sorted(self.split(split)["region"].unique())
         try:
-            return list(sample_episodes(sampler, regions, count, seed=seed))
+            with progress_bar(count, f"sample {split} episodes", unit="episodes", enabled=progress) as bar:
+                episodes = []
+                for episode in sample_episodes(sampler, regions, count, seed=seed):
+                    episodes.append(episode)
+                    bar.update()
+                return episodes
         except ValueError as error:
             raise DataError(self.path, f"{split} split: {error}") from None
 
@@ -272,29 +281,38 @@ def pick_budget(
     shots: Sequence[int] = (1, 5),
     step_grid: Sequence[int] = FINETUNE_STEPS,
     only: Collection[str] | None = None,
+    progress: bool = False,
+    desc: str = "pick budget",
 ) -> Budget:
     """The (steps, rate) of best mean validation accuracy over `shots`, from the shared grid.
 
     A model with learned inner rates (MAML and its relatives) also tries its own rates at each
-    step count; `only` fine-tunes those parameters alone (ANIL).
+    step count; `only` fine-tunes those parameters alone (ANIL). `progress` shows a bar `desc`
+    over every fine-tuning step of the grid, saying which rate and episode it is scoring.
     """
     # (the rate reported, the rate fine-tuned at): None reports the learned rates
     rates: list[tuple[float | None, Schedule]] = [(lr, lr) for lr in FINETUNE_LRS]
     if learned_rates:
         rates.append((None, learned_rates))
-    cut = [(number, fewer_shots(episode, k, seed=number)) for k in shots for number, episode in enumerate(episodes)]
+    cut = [(number, k, fewer_shots(episode, k, seed=number)) for k in shots for number, episode in enumerate(episodes)]
     best: Budget | None = None
-    for lr, rate in rates:
-        totals = np.zeros(len(step_grid))
-        for number, episode in cut:
-            # full-batch SGD has no state, so the step counts of the grid are one run's checkpoints
-            tuned, done = model, 0
+    bar = progress_bar(len(rates) * len(cut) * max(step_grid, default=0), desc, unit="steps", enabled=progress)
+    with bar:
+        for lr, rate in rates:
+            totals = np.zeros(len(step_grid))
+            for number, k, episode in cut:
+                named = "learned rates" if lr is None else f"lr {lr:g}"
+                bar.set_postfix_str(f"{named}, {k}-shot episode {number + 1}/{len(episodes)}", refresh=False)
+                # full-batch SGD has no state, so the step counts of the grid are one run's checkpoints
+                tuned, done = model, 0
+                for position, steps in enumerate(step_grid):
+                    tuned = _tune(tuned, episode, steps - done, rate, number, only=only, first_step=done)
+                    totals[position] += score_queries(tuned, episode)["accuracy"]
+                    bar.update(steps - done)
+                    done = steps
             for position, steps in enumerate(step_grid):
-                tuned, done = _tune(tuned, episode, steps - done, rate, number, only=only, first_step=done), steps
-                totals[position] += score_queries(tuned, episode)["accuracy"]
-        for position, steps in enumerate(step_grid):
-            accuracy = float(totals[position] / len(cut))
-            if best is None or accuracy > best.validation_accuracy + 1e-9:
-                best = Budget(steps=steps, lr=lr, validation_accuracy=accuracy)
+                accuracy = float(totals[position] / len(cut))
+                if best is None or accuracy > best.validation_accuracy + 1e-9:
+                    best = Budget(steps=steps, lr=lr, validation_accuracy=accuracy)
     assert best is not None
     return best

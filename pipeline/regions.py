@@ -55,6 +55,7 @@ def build_regions(
     split: Sequence[float] | Mapping[str, Sequence[str]] = (0.6, 0.2, 0.2),
     seed: int = 0,
     root: Path | None = None,
+    progress: bool = True,
 ) -> RegionsSummary:
     """Add `region` and `split` columns to the index at `index_path` and write it to `out`.
 
@@ -64,6 +65,7 @@ def build_regions(
     are clustered as one unit. `split`: train/val/test fractions of region groups, or explicit
     lists of regions per split. Regions sharing a SEN12MS scene id always share a split.
     `root`: the dataset's folder when it is no longer where the index says (see `read_index`).
+    `progress`: a bar over KMeans' search for k (stderr).
     """
     index_path, out = Path(index_path), Path(out)
     check_output_file(out, "--out")
@@ -86,6 +88,7 @@ def build_regions(
                 seed=seed,
                 groups=None if unit is None else frame[unit].to_numpy(dtype=object),
                 unit=unit,
+                progress=progress,
             )
             regions = clusters.names()
             description = clusters.metadata()

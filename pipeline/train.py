@@ -20,10 +20,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from geo.atomic import check_output_folder
 from geo.errors import DataError
+from geo.progress import progress_bar
 from models.backbones import arch_preset, build_model, last_layer_names
 from models.checkpoint import (
     CONFIG,
@@ -205,7 +205,7 @@ def train(
     model = build_model(arch, seed=config.seed).to(device)
     if config.init_from is not None:
         model.load_state_dict(_initial_weights(Path(config.init_from), arch))
-    val_episodes = data.episodes("val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1)
+    val_episodes = validation_episodes(data, config, progress=progress)
     trainer = _Trainer(LEARNERS[config.method](model, config.learner_settings()), data, config)
     run_config = dataclasses.replace(run_config, **trainer.learner.run_fields())
     if saved is None:
@@ -225,17 +225,14 @@ def train(
     iteration = start
     stopped = _stale(iteration, state, config)
     # the bar ends its line even when a step fails (e.g. a full disk), before the error's line
-    with tqdm(
-        total=config.iterations,
-        initial=start,
-        desc=f"train {config.method}",
-        disable=not progress,
-        dynamic_ncols=True,
+    with progress_bar(
+        config.iterations, f"train {config.method}", unit="iterations", initial=start, enabled=progress
     ) as bar:
         while iteration < config.iterations and not stopped:
             loss = trainer.step(iteration)
             iteration += 1
             if iteration % config.validate_every == 0 or iteration == config.iterations:
+                bar.set_postfix_str(f"loss={loss:.3f}, validating on {len(val_episodes)} episodes")
                 score = trainer.validation_score(val_episodes, run_config)
                 if score > state.best_score:
                     state = _Progress(best_score=score, best_iteration=iteration)
@@ -248,7 +245,7 @@ def train(
                 save_train_state(out_dir, trainer.module, trainer.optimizer, iteration)
     seconds = time.perf_counter() - started
     best = load_run(out_dir, device)
-    budget = _pick_budget(best, data, config, val_episodes)
+    budget = _pick_budget(best, data, config, val_episodes, progress=progress)
     done = iteration - start
     per_iteration = seconds / done if done else load_config(out_dir).seconds_per_iteration
     final = dataclasses.replace(
@@ -273,7 +270,21 @@ def train(
     )
 
 
-def _pick_budget(best: LoadedRun, data: SplitIndex, config: TrainConfig, val_episodes: list[Episode]) -> Budget:
+def validation_episodes(data: SplitIndex, config: TrainConfig, *, progress: bool = False) -> list[Episode]:
+    """The episodes early stopping scores a run on: of the val split."""
+    return data.episodes(
+        "val",
+        config.task,
+        config.shape,
+        config.validation_episodes,
+        seed=config.seed + 1,
+        progress=progress,
+    )
+
+
+def _pick_budget(
+    best: LoadedRun, data: SplitIndex, config: TrainConfig, val_episodes: list[Episode], *, progress: bool
+) -> Budget:
     """The fine-tuning budget, picked on validation regions; none (0 steps) for learners that
     adapt without fine-tuning (prototypes, a ridge head). Segmentation runs pick it on scene
     episodes, built as `adapt` builds its support (every class, labels spread over a scene's
@@ -284,10 +295,17 @@ def _pick_budget(best: LoadedRun, data: SplitIndex, config: TrainConfig, val_epi
         return Budget(steps=0, lr=None, validation_accuracy=float("nan"))
     rates = learner.test_rates(best.inner_lrs)
     only = last_layer_names(best.model) if learner.adaptation == "finetune-head" else None
+    desc = f"pick budget {config.method}"
     if config.task != "segmentation":
-        return pick_budget(best.model, val_episodes, learned_rates=rates, only=only)
+        return pick_budget(best.model, val_episodes, learned_rates=rates, only=only, progress=progress, desc=desc)
     scenes = data.episodes(
-        "val", config.task, config.shape, config.validation_episodes, seed=config.seed + 1, protocol="scene"
+        "val",
+        config.task,
+        config.shape,
+        config.validation_episodes,
+        seed=config.seed + 1,
+        protocol="scene",
+        progress=progress,
     )
     return pick_budget(
         best.model,
@@ -296,6 +314,8 @@ def _pick_budget(best: LoadedRun, data: SplitIndex, config: TrainConfig, val_epi
         shots=(SCENE_SHOTS,),
         step_grid=SCENE_FINETUNE_STEPS,
         only=only,
+        progress=progress,
+        desc=desc,
     )
 
 

@@ -21,6 +21,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
 from geo.atomic import atomic_output
+from geo.progress import progress_bar
 from geo.sources.base import Source, region_names
 
 K_RANGE = (2, 10)
@@ -96,8 +97,10 @@ def regions_by_kmeans(
     seed: int = 0,
     groups: Sequence | np.ndarray | pd.Series | None = None,
     unit: str | None = None,
+    progress: bool = False,
 ) -> KMeansRegions:
-    """Cluster standardised features; with no k, pick the k of best silhouette in `k_range`.
+    """Cluster standardised features; with no k, pick the k of best silhouette in `k_range`
+    (`progress`: a bar over the k tried; silhouettes of many tiles take a while).
 
     With `groups` (one value per row, e.g. the DeepGlobe image id), the rows of a group are one
     unit: KMeans sees each group's mean features and every row gets its group's cluster.
@@ -131,10 +134,14 @@ def regions_by_kmeans(
         largest = min(k_range[1], count - 1)
         if largest < k_range[0]:
             raise ValueError(f"{count} {what} are too few to choose k in {k_range[0]}..{k_range[1]}; give k")
-        fits = {clusters: fit(clusters) for clusters in range(k_range[0], largest + 1)}
-        silhouettes = {
-            clusters: float(silhouette_score(standardised, model.labels_)) for clusters, model in fits.items()
-        }
+        fits: dict[int, KMeans] = {}
+        tried = range(k_range[0], largest + 1)
+        with progress_bar(len(tried), f"choose k ({count} {what})", unit="k values", enabled=progress) as bar:
+            for clusters in tried:
+                bar.set_postfix_str(f"k={clusters}", refresh=False)
+                fits[clusters] = fit(clusters)
+                silhouettes[clusters] = float(silhouette_score(standardised, fits[clusters].labels_))
+                bar.update()
         k = max(silhouettes, key=silhouettes.__getitem__)
         model = fits[k]
     else:

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from geo.classes import DEEPGLOBE, DFC10, EUROSAT_CLASSES, S2_BANDS
 from geo.errors import DataError
-from geo.index import COLUMNS, build_index, read_index, write_index
+from geo.index import COLUMNS, band_statistics, build_index, read_index, stored_band_statistics, write_index
+from geo.readers import Scaling
 from geo.sample_data import write_sen12ms
 from pipeline.cli import app
 from pipeline.ingest import ingest
@@ -66,6 +67,107 @@ def test_features_are_the_scaled_band_statistics(sen12ms_index: Path) -> None:
     assert (features[:, 2] <= features[:, 3]).all() and (features[:, 3] <= features[:, 4]).all()
 
 
+# --- statistics from the pixels as stored: what np.quantile, mean and std give on the scaled pixels --
+
+
+def _reference_statistics(scaled: np.ndarray) -> np.ndarray:
+    """Per band: mean, std, q10, q50, q90 of the finite scaled pixels, the plain numpy way."""
+    rows = []
+    for band in scaled.reshape(len(scaled), -1).astype(np.float64):
+        finite = band[np.isfinite(band)]
+        rows.append([finite.mean(), finite.std(), *np.quantile(finite, [0.1, 0.5, 0.9])])
+    return np.array(rows)
+
+
+STORED: dict[str, tuple[str, tuple[list[float], list[float]] | None]] = {
+    "uint16 reflectance, some above 10000": ("uint16", None),
+    "uint8": ("uint8", None),
+    "int16 with negative values": ("int16", None),
+    "int8": ("int8", None),
+    "uint16, scale/offset tags (one negative scale)": ("uint16", ([1e-4, -1e-4, 2.0, 1.0], [-0.1, 1.0, 0.0, 0.0])),
+    "int16, scale/offset tags": ("int16", ([1e-4, 1e-4, 1.0, 3e-5], [0.0, -0.05, 0.0, 0.2])),
+    "uint8, scale/offset tags": ("uint8", ([0.004, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0])),
+}
+
+
+@pytest.mark.parametrize("case", STORED)
+def test_statistics_from_stored_integers_are_those_of_the_scaled_pixels(case: str) -> None:
+    dtype, tags = STORED[case]
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(len(case))
+    pixels = rng.integers(info.min, int(info.max) + 1, size=(4, 37, 29), endpoint=False).astype(dtype)
+    pixels[1] = np.clip(rng.normal(1200, 300, (37, 29)), info.min, info.max).astype(dtype)  # many repeats
+    pixels[2, :5] = info.max
+    scaling = Scaling(*(tuple(values) for values in tags)) if tags else Scaling((1.0,) * 4, (0.0,) * 4)
+    scaled = scaling(pixels)
+    interleaved = np.ascontiguousarray(pixels.transpose(1, 2, 0)).transpose(2, 0, 1)  # as read_as_stored gives
+    for layout in (pixels, interleaved):
+        stored = stored_band_statistics(layout, scaling)
+        assert stored is not None
+        np.testing.assert_allclose(stored.reshape(4, 5), _reference_statistics(scaled), rtol=0, atol=1e-6)
+        # the quantiles are exactly those of the sort-based statistics on the scaled image
+        np.testing.assert_array_equal(stored.reshape(4, 5)[:, 2:], band_statistics(scaled).reshape(4, 5)[:, 2:])
+
+
+def test_floats_are_summarised_from_the_scaled_image() -> None:
+    pixels = np.full((2, 4, 4), 5000.0, dtype=np.float32)
+    assert stored_band_statistics(pixels, Scaling((1.0, 1.0), (0.0, 0.0))) is None
+
+
+INDEXED = {
+    "uint16": lambda raw: (raw.astype(np.uint16), None),
+    "int16": lambda raw: ((raw.astype(np.int32) - 400).astype(np.int16), None),
+    "uint8": lambda raw: ((raw // 50).clip(0, 255).astype(np.uint8), None),
+    "float32 with NaN and inf": lambda raw: (_holed(raw.astype(np.float32)), None),
+    "int16 tagged": lambda raw: (raw.astype(np.int16), ([1e-4] * 12 + [-2e-4], [0.0] * 12 + [1.0])),
+    "float32 tagged with NaN": lambda raw: (_holed(raw.astype(np.float32) / 10000), ([1e-4] + [1.0] * 12, [0.0] * 13)),
+}
+
+
+def _holed(pixels: np.ndarray) -> np.ndarray:
+    pixels[:, 2:4] = np.nan
+    pixels[3, 9, 9] = np.inf
+    pixels[5, 1, :3] = -np.inf
+    return pixels
+
+
+@pytest.mark.parametrize("kind", INDEXED)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_index_features_are_the_statistics_of_the_scaled_finite_pixels(
+    kind: str, workers: int, eurosat_root: Path, tmp_path: Path
+) -> None:
+    """Whatever the scene's type and tags, and however many readers: features are np.quantile,
+    mean and std of the scaled pixels that are finite (`scale_image`, as training reads them)."""
+    sources = sorted(eurosat_root.glob("*/*.tif"))[:3]
+    expected = []
+    for number, patch in enumerate(sources):
+        with rasterio.open(patch) as src:
+            profile, raw = src.profile, src.read()
+        pixels, tags = INDEXED[kind](raw)
+        out = tmp_path / "data" / f"Class{number % 2}" / f"{number}.tif"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(out, "w", **{**profile, "dtype": pixels.dtype, "nodata": None}) as dst:
+            dst.write(pixels)
+            if tags:
+                dst.scales, dst.offsets = tags
+        scaling = Scaling(*(tuple(values) for values in tags)) if tags else Scaling((1.0,) * 13, (0.0,) * 13)
+        expected.append((out, _reference_statistics(scaling(pixels))))
+    frame = build_index("folder", tmp_path / "data", workers=workers, progress=False).frame
+    for path, reference in expected:
+        (features,) = frame.loc[frame["path"] == str(path), "features"]
+        np.testing.assert_allclose(np.reshape(features, (13, 5)), reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_a_patch_cut_short_in_its_pixels_is_skipped_not_read_as_zeros(keep: float, tmp_path: Path) -> None:
+    root = write_sen12ms(tmp_path / "data", seed=3, regions=1, size=64, patches_per_region=2)
+    cut = sorted(root.glob("*/s2_*/*.tif"))[1]
+    cut.write_bytes(cut.read_bytes()[: int(cut.stat().st_size * keep)])
+    result = build_index("sen12ms", root, workers=2, progress=False)
+    assert [(entry.path, "cannot be read" in entry.reason) for entry in result.skipped] == [(str(cut), True)]
+    assert len(result.frame) == 3
+
+
 def test_footprints_lie_in_their_utm_zone(sen12ms_index: Path) -> None:
     frame, _ = read_index(sen12ms_index)
     assert frame.crs.to_epsg() == 4326
@@ -100,11 +202,13 @@ def test_eurosat_index(eurosat_index: Path) -> None:
     assert frame["crs"].nunique() == 3
 
 
-def test_worker_count_does_not_change_the_index(deepglobe_root: Path) -> None:
-    one = build_index("deepglobe", deepglobe_root, workers=1, progress=False).frame
-    two = build_index("deepglobe", deepglobe_root, workers=2, progress=False, grid=4).frame
-    assert one.drop(columns="geometry").to_json() == two.drop(columns="geometry").to_json()
-    assert one.geometry.equals(two.geometry)
+@pytest.mark.parametrize("layout", ["deepglobe", "sen12ms"])
+def test_worker_count_does_not_change_the_index(layout: str, deepglobe_root: Path, sen12ms_root: Path) -> None:
+    root = {"deepglobe": deepglobe_root, "sen12ms": sen12ms_root}[layout]
+    one = build_index(layout, root, workers=1, progress=False).frame
+    three = build_index(layout, root, workers=3, progress=False, grid=4).frame
+    assert one.drop(columns="geometry").to_json() == three.drop(columns="geometry").to_json()
+    assert one.geometry.equals(three.geometry)
 
 
 def test_write_index_keeps_extra_columns_and_metadata(eurosat_index: Path, tmp_path: Path) -> None:
@@ -168,7 +272,8 @@ def test_cli_strict_exits_non_zero_and_writes_nothing(damaged_sen12ms: tuple[Pat
     out = tmp_path / "out" / "index.parquet"
     result = runner.invoke(app, ["ingest", str(root), "--source", "sen12ms", "--out", str(out), "--strict"])
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"error: {bad[0]}: ") and "(and 2 more bad files)" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # progress lines may come before the error, never after
+    assert last.startswith(f"error: {bad[0]}: ") and "(and 2 more bad files)" in last
     assert "Traceback" not in result.output
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
 

@@ -33,6 +33,13 @@ def flat(output: str) -> str:
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
 
 
+def error_line(stderr: str) -> str:
+    """The one `error:` line, the last of stderr (progress lines may come before it)."""
+    lines = stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], stderr
+    return lines[-1]
+
+
 def test_every_registered_source_is_one_class_named_as_registered() -> None:
     for name in SOURCE_NAMES:
         source = source_class(name)
@@ -105,7 +112,7 @@ def test_dfc2020_label_values_outside_the_classes_are_named(dfc2020_root: Path, 
     strict = runner.invoke(
         app, ["ingest", str(dfc2020_root), "--source", "dfc2020", "--strict", "--out", str(tmp_path / "s.parquet")]
     )
-    assert strict.exit_code == 1 and flat(strict.stderr).startswith(f"error: {label}: holds label value(s) 11")
+    assert strict.exit_code == 1 and error_line(strict.stderr).startswith(f"error: {label}: holds label value(s) 11")
     assert not (tmp_path / "s.parquet").exists()
 
 
@@ -240,7 +247,7 @@ def test_bad_pairs_are_skipped_or_fatal_with_the_file_named(
     assert result.exit_code == 0 and f"skipped {pairs_root / named}: {problem}" in flat(result.stderr)
     assert [Path(p).name for p in read_index(tmp_path / "i.parquet")[0]["path"].unique()] == ["scene0.tif"]
     strict = runner.invoke(app, [*command, "--strict", "--out", str(tmp_path / "s.parquet")])
-    assert strict.exit_code == 1 and flat(strict.stderr).startswith(f"error: {pairs_root / named}: {problem}")
+    assert strict.exit_code == 1 and error_line(strict.stderr).startswith(f"error: {pairs_root / named}: {problem}")
     assert not (tmp_path / "s.parquet").exists()
 
 
@@ -311,7 +318,7 @@ def test_a_bad_classes_file_is_named_with_its_key(pairs_root: Path, tmp_path: Pa
             str(tmp_path / "i"),
         ],
     )
-    assert result.exit_code == 1 and flat(result.stderr).startswith(f"error: {pairs_root / 'classes.yaml'}: ")
+    assert result.exit_code == 1 and error_line(result.stderr).startswith(f"error: {pairs_root / 'classes.yaml'}: ")
     assert problem in flat(result.stderr) and not (tmp_path / "i").exists()
 
 
