@@ -19,7 +19,7 @@ from torch import Tensor
 
 from models.device import autocast, model_device
 from models.learner import EpisodeLike, task_tensors
-from models.maml import MetaLearner, Params
+from models.maml import MetaLearner, Params, channels_last
 
 
 def agreement_weights(gradients: Tensor) -> Tensor:
@@ -42,8 +42,8 @@ class MamlGa(MetaLearner):
         trained = [p for p in self.parameters() if p.requires_grad]
         device, rows, total = model_device(self.model), [], 0.0
         for episode in batch:
-            with autocast(device):
-                loss = self.task_loss(params, task_tensors(self.model, episode), iteration)
+            with autocast(device), self.second_order_kernels():
+                loss = self.task_loss(params, channels_last(task_tensors(self.model, episode)), iteration)
             grads = torch.autograd.grad(loss, trained, allow_unused=True)
             rows.append(
                 torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, trained)])

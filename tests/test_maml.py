@@ -1,18 +1,27 @@
-"""MAML meta-gradients against finite differences, FOMAML, unused parameters, MetaLearner."""
+"""MAML meta-gradients against finite differences, FOMAML, unused parameters, MetaLearner, and the
+faster meta-step (labelled-pixel loss, tasks side by side, GroupNorm's double backward) against the
+plain one."""
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from models.anil import Anil
 from models.backbones import ArchConfig, arch_preset, build_model, episode_loss
 from models.learner import LearnerSettings, TaskTensors, task_tensors
-from models.maml import Fomaml, Maml, MetaLearner, Params, adapt, meta_loss
+from models.maml import Fomaml, Maml, MetaLearner, Params, adapt, labelled_loss, meta_loss
+from models.mamlpp import MamlPlusPlus
+from models.metasgd import MetaSgd
+from models.second_order import group_norm
 
 
 def _tiny_cnn() -> nn.Module:
@@ -204,3 +213,104 @@ def test_tiny_unet_meta_step_with_sparse_support():
     )
     learner = Maml(model, LearnerSettings(inner_steps=1))
     assert np.isfinite(learner.step([episode], 0))
+
+
+# The faster meta-step: labelled-pixel loss, tasks side by side, GroupNorm's double backward
+
+
+def test_labelled_loss_is_the_episode_loss_with_its_gradient():
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 6, 8, 8, dtype=torch.float64, generator=generator)
+    classes = torch.tensor([4, 1, 2])
+    sparse = torch.full((3, 8, 8), 255)
+    sparse[0, 1, 2], sparse[1, 5, 5], sparse[2, 7, 0], sparse[2, 3, 3] = 0, 2, 1, 1
+    dense = torch.randint(0, 3, (3, 8, 8), generator=generator)
+    for labels in (sparse, dense, torch.full((3, 8, 8), 255)):
+        first, second = (logits.clone().requires_grad_() for _ in range(2))
+        ours, reference = labelled_loss(first, labels, classes), episode_loss(second, labels, classes)
+        torch.testing.assert_close(ours, reference)
+        ours.backward(), reference.backward()
+        torch.testing.assert_close(first.grad, second.grad)
+    items = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(
+        labelled_loss(items, torch.tensor([0, 2, 1, 0]), classes),
+        episode_loss(items, torch.tensor([0, 2, 1, 0]), classes),
+    )
+
+
+def _segmentation_episodes(count: int, sizes: list[int], n_way: int = 3) -> list[SimpleNamespace]:
+    """Sparse segmentation episodes on 16 px tiles: `sizes` support tiles each, 2 query tiles."""
+    rng = np.random.default_rng(6)
+    episodes = []
+    for index in range(count):
+        tiles = sizes[index % len(sizes)]
+        support = np.full((tiles, 16, 16), 255)
+        for label in range(n_way):
+            support.flat[rng.choice(support.size, 3, replace=False)] = label
+        episodes.append(
+            SimpleNamespace(
+                classes=np.sort(rng.choice(6, n_way, replace=False)),
+                support_images=rng.normal(size=(tiles, 4, 16, 16)),
+                support_labels=support,
+                query_images=rng.normal(size=(2, 4, 16, 16)),
+                query_labels=rng.integers(0, n_way, (2, 16, 16)),
+            )
+        )
+    return episodes
+
+
+def _step_gradients(
+    kind: type[MetaLearner], batching: str, batch: list, **settings
+) -> tuple[float, list[torch.Tensor]]:
+    model = build_model(arch_preset("tiny", "segmentation", in_channels=4, num_classes=6), seed=0)
+    learner = kind(model, LearnerSettings(inner_steps=2, inner_lr=0.05, max_grad_norm=1e9, **settings)).double()
+    learner.task_batching = batching  # type: ignore[assignment]
+    loss = learner.step(batch, 0)
+    return loss, [torch.zeros_like(p) if p.grad is None else p.grad for p in learner.parameters()]
+
+
+@pytest.mark.parametrize("kind", [Maml, Fomaml, MetaSgd, Anil], ids=["maml", "fomaml", "metasgd", "anil"])
+def test_tasks_side_by_side_give_the_loop_s_loss_and_meta_gradient(kind: type[MetaLearner]):
+    """Tasks of different support sizes (padded) and one of another class count (on its own)."""
+    batch = _segmentation_episodes(3, [1, 3, 2]) + _segmentation_episodes(1, [2], n_way=2)
+    loop_loss, loop = _step_gradients(kind, "loop", batch)
+    side_loss, side = _step_gradients(kind, "vmap", batch)
+    assert side_loss == pytest.approx(loop_loss, rel=1e-12)
+    for ours, reference in zip(side, loop):
+        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-12)
+    assert sum(float(g.abs().sum()) for g in loop) > 0
+
+
+def test_auto_batching_loops_on_a_cpu_and_for_learners_with_their_own_task_loss():
+    model = build_model(arch_preset("tiny", "segmentation", in_channels=4, num_classes=6), seed=0)
+    assert not Maml(model).batches_tasks()
+    maml = Maml(model)
+    maml.task_batching = "vmap"
+    assert maml.batches_tasks()
+    mamlpp = MamlPlusPlus(model)
+    mamlpp.task_batching = "vmap"
+    assert not mamlpp.batches_tasks()
+
+
+@pytest.mark.parametrize(
+    ("groups", "layout"), [(1, torch.contiguous_format), (1, torch.channels_last), (2, torch.channels_last)]
+)
+def test_group_norm_has_pytorch_s_first_and_second_derivatives(groups: int, layout: torch.memory_format):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, generator=generator).contiguous(memory_format=layout)
+    weight, bias = (torch.randn(4, dtype=torch.float64, generator=generator) for _ in range(2))
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    torch.testing.assert_close(group_norm(x, groups, weight, bias), F.group_norm(x, groups, weight, bias))
+    assert torch.autograd.gradgradcheck(lambda *t: group_norm(t[0], groups, t[1], t[2]), inputs)
+    # the first layer of a network: the input needs no gradient
+    assert torch.autograd.gradgradcheck(lambda w, b: group_norm(x.detach(), groups, w, b), inputs[1:])
+
+
+def test_second_order_step_is_the_same_with_pytorch_s_group_norm():
+    batch = _segmentation_episodes(2, [1, 2])
+    loss, ours = _step_gradients(Maml, "loop", batch)
+    with patch.object(MetaLearner, "second_order_kernels", lambda self: contextlib.nullcontext()):
+        reference_loss, reference = _step_gradients(Maml, "loop", batch)
+    assert loss == pytest.approx(reference_loss, rel=1e-12)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
