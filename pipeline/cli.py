@@ -229,7 +229,12 @@ def ingest(
     ),
     out: Path = typer.Option(..., "--out", help="GeoParquet index to write."),
     strict: bool = typer.Option(False, "--strict", help="Stop at a bad file (exit 1, write nothing)."),
-    workers: int | None = typer.Option(None, "--workers", min=1, help="Reader threads (default: CPUs, at most 8)."),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Parallel readers: processes where fork is safe (Linux), else threads (default: CPUs, at most 8).",
+    ),
     grid: int = typer.Option(4, "--grid", min=1, help="deepglobe, pairs: cut each image into GRID x GRID tiles."),
 ) -> None:
     """Index every patch or tile of a dataset into a GeoParquet file; bad files are listed."""
@@ -384,6 +389,13 @@ def train(
         "--second-order-from",
         help=f"MAML++: fraction of the run trained first-order before second order. {TRAIN_DEFAULT}",
     ),
+    crop: int | None = typer.Option(
+        None,
+        "--crop",
+        min=0,
+        help="Segmentation: side in px of the windows that training episodes, pretraining batches and "
+        f"validation episodes are cut from their tiles; 0 trains on whole tiles. {TRAIN_DEFAULT}",
+    ),
     out: Path = typer.Option(..., "--out", help="Run directory; training resumes if it holds one."),
     root: Path | None = RootOption,
 ) -> None:
@@ -396,6 +408,7 @@ def train(
     from pipeline.train import train as run_train
 
     _check_device(device.value)
+    whole_tiles: dict[str, Any] = {"crop": None} if crop == 0 else {}  # `_settings` drops a None
     try:
         shape = EpisodeShape(**_settings(n_way=n_way, k_shot=shots, q_queries=queries))
         config = TrainConfig(
@@ -416,7 +429,9 @@ def train(
                 reptile_step=reptile_step,
                 reptile_inner_lr=reptile_inner_lr,
                 second_order_from=second_order_from,
+                crop=crop or None,
             ),
+            **whole_tiles,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None

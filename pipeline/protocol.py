@@ -26,6 +26,7 @@ from models.finetune import finetune, predict
 from models.maml import Schedule
 from models.metrics import episode_scores
 from pipeline.candidates import Candidate, Support
+from tasks.crops import Crop, CroppedSampler
 from tasks.episodes import (
     ClassificationSampler,
     DenseSegmentationSampler,
@@ -157,10 +158,14 @@ class SplitIndex:
         protocol: Protocol = "episode",
         *,
         progress: bool = False,
+        crop: Crop | None = None,
     ) -> list[Episode]:
         """`count` seeded episodes of one split (the same list for every method); `progress`
-        shows a bar (reading tiles for them can take minutes on large images)."""
+        shows a bar (reading tiles for them can take minutes on large images); `crop` cuts every
+        episode into windows (`tasks.crops`), as meta-training cuts its own."""
         sampler = self.sampler(split, task, shape, protocol)
+        if crop is not None:
+            sampler = CroppedSampler(sampler, crop)
         regions = sorted(self.split(split)["region"].unique())
         try:
             with progress_bar(count, f"sample {split} episodes", unit="episodes", enabled=progress) as bar:

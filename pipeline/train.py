@@ -50,6 +50,7 @@ from pipeline.protocol import (
     mean_candidate_accuracy,
     pick_budget,
 )
+from tasks.crops import Crop, CroppedSampler, random_windows
 from tasks.episodes import Episode, capable_regions, episode_rng
 
 METHODS: tuple[str, ...] = tuple(LEARNERS)
@@ -90,6 +91,18 @@ class TrainConfig:
     checkpoint_every: int = 25
     init_from: str | None = None
     """A run directory whose weights start training (e.g. MAML from a pretrained model)."""
+    crop: int | None = 96
+    """Segmentation: side in px of the windows meta-training episodes, pretraining batches and
+    the validation episodes of this run (early stopping, the budget pick) are cut into
+    (`tasks.crops`): one window per query tile, dense support tile and pretraining tile, chosen to
+    hold labelled pixels of the episode's classes; None trains on whole tiles. A tile no larger
+    than `crop` stays whole. Classification episodes are always whole patches; `landcover
+    evaluate` scores whole tiles and `adapt` cuts its own windows. A multiple of the U-Net's
+    stride (8 tiny, 32 base)."""
+    support_window: int = 32
+    """With `crop`: side in px of the windows cut around the labelled pixels of a sparse support,
+    on a grid as `adapt` cuts its support (the default of adapt's `support_window`); every
+    labelled pixel is kept. A multiple of the U-Net's stride."""
 
     def __post_init__(self) -> None:
         """Reject impossible settings at once (the flow config reports them by key)."""
@@ -121,6 +134,20 @@ class TrainConfig:
             raise ValueError(f"second_order_from must be within 0..1, got {self.second_order_from}")
         if self.shape.k_shot < 1 or (self.task == "classification" and self.shape.q_queries < 1):
             raise ValueError("shape: training episodes need at least 1 shot (and, for classification, 1 query)")
+        stride = 2 ** arch_preset(self.size, "segmentation", 1, 1).encoder_depth
+        for name in ("crop", "support_window"):
+            side = getattr(self, name)
+            if side is not None and (side < stride or side % stride):
+                raise ValueError(
+                    f"{name} must be a multiple of {stride} px (the {self.size} U-Net halves its input "
+                    f"{stride.bit_length() - 1} times), got {side}"
+                )
+
+    def crop_shape(self) -> Crop | None:
+        """How episodes and pretraining batches are cut; None: whole tiles (and classification)."""
+        if self.crop is None or self.task != "segmentation":
+            return None
+        return Crop(size=self.crop, support_window=self.support_window)
 
     def settings(self) -> dict:
         return dataclasses.asdict(self)
@@ -271,7 +298,8 @@ def train(
 
 
 def validation_episodes(data: SplitIndex, config: TrainConfig, *, progress: bool = False) -> list[Episode]:
-    """The episodes early stopping scores a run on: of the val split."""
+    """The episodes early stopping scores a run on: of the val split, cut as its training
+    episodes are (`TrainConfig.crop`)."""
     return data.episodes(
         "val",
         config.task,
@@ -279,6 +307,7 @@ def validation_episodes(data: SplitIndex, config: TrainConfig, *, progress: bool
         config.validation_episodes,
         seed=config.seed + 1,
         progress=progress,
+        crop=config.crop_shape(),
     )
 
 
@@ -289,7 +318,8 @@ def _pick_budget(
     adapt without fine-tuning (prototypes, a ridge head). Segmentation runs pick it on scene
     episodes, built as `adapt` builds its support (every class, labels spread over a scene's
     tiles), with a longer step grid, at the 5 labels per class a user typically gives: the budget
-    is then the one a user's scene needs."""
+    is then the one a user's scene needs. With `crop`, they are cut as training episodes are: the
+    support into windows around its labels, as adapt cuts its own."""
     learner = LEARNERS[config.method]
     if learner.adaptation not in FINETUNE_ADAPTATIONS:
         return Budget(steps=0, lr=None, validation_accuracy=float("nan"))
@@ -306,6 +336,7 @@ def _pick_budget(
         seed=config.seed + 1,
         protocol="scene",
         progress=progress,
+        crop=config.crop_shape(),
     )
     return pick_budget(
         best.model,
@@ -399,8 +430,11 @@ class _Trainer:
     def __init__(self, learner: Learner, data: SplitIndex, config: TrainConfig) -> None:
         self.learner, self.data, self.config = learner, data, config
         self.model, self.module, self.optimizer = learner.model, learner, learner.optimizer
+        self.crop = config.crop_shape()
         if learner.episodic:
             self.sampler = data.sampler("train", config.task, config.shape)
+            if self.crop is not None:  # cut from each episode's own generator: still a function of its number
+                self.sampler = CroppedSampler(self.sampler, self.crop)
             self.regions = capable_regions(self.sampler, sorted(data.split("train")["region"].unique()))
             if not self.regions:
                 raise DataError(data.path, "no train region can supply a meta-training episode")
@@ -427,14 +461,18 @@ class _Trainer:
         ]
 
     def tiles(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
-        """A pretraining batch: tiles pooled from every train region, on global class ids."""
+        """A pretraining batch: tiles pooled from every train region, on global class ids; with
+        `crop`, a window of each holding labelled pixels of as many classes as a few tries find."""
         rng = np.random.default_rng([self.config.seed, iteration])
         picked = rng.choice(len(self.positions), size=self.config.batch_size)
         positions = self.positions[picked]
         images = self.data.tiles.images(positions)
         if self.config.task == "classification":
             return images, self.majority[picked]
-        return images, self.data.tiles.masks(positions).astype(np.int64)
+        labels = self.data.tiles.masks(positions).astype(np.int64)
+        if self.crop is None:
+            return images, labels
+        return random_windows(images, labels, self.crop.size, rng, candidates=self.crop.candidates)
 
     def validation_score(self, episodes: list[Episode], run_config: RunConfig) -> float:
         """Mean accuracy of the learner's own test-time adaptation, fine-tuning for its

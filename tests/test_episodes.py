@@ -6,6 +6,7 @@ does, and every image an episode holds is traced back to its tile to check its l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from geo.index import read_index
 from geo.sources import index_source
 from geo.sources.sen12ms import Sen12ms
 from pipeline.regions import build_regions
+from tasks.crops import Crop, CroppedSampler, label_windows, random_windows
 from tasks.episodes import (
     ClassificationSampler,
     DenseSegmentationSampler,
@@ -427,3 +429,164 @@ def test_scene_shortfall_names_the_region_and_its_classes(sen12ms, deepglobe):
     episode = SceneSampler(dg, deepglobe.tiles, k_shot=4, max_tiles=16).sample(dg_region, episode_rng(0, dg_region, 0))
     drawn = trace(deepglobe, region_rows, episode.query_images)
     assert len(drawn) == min(16, len(region_rows)) and dg.loc[drawn, "scene"].nunique() > 1
+
+
+# --- cropped episodes (meta-training on windows, not whole tiles) --------------------------------
+
+CROP = Crop(size=16, support_window=8)
+"""Windows smaller than the sample data's 32 px tiles, so that cutting happens."""
+
+
+def labelled_pixels(images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, int]]:
+    """(the pixel's band values, its label) of every labelled pixel, sorted: a window's labelled
+    pixels are found in it wherever it was cut from."""
+    tile, row, col = np.nonzero(labels != IGNORE_INDEX)
+    return sorted((images[t, :, r, c].tobytes(), int(labels[t, r, c])) for t, r, c in zip(tile, row, col))
+
+
+def window_of(tiles: np.ndarray, window: np.ndarray) -> tuple[int, int, int]:
+    """(tile, row, col) where `window` (C, h, w) was cut from one of `tiles` (B, C, H, W)."""
+    height, width = window.shape[1:]
+    for tile, image in enumerate(tiles):
+        for row in range(image.shape[1] - height + 1):
+            for col in range(image.shape[2] - width + 1):
+                if np.array_equal(image[:, row : row + height, col : col + width], window):
+                    return tile, row, col
+    raise AssertionError("a window that is in none of the tiles")
+
+
+def relabel_to(episode: Episode, classes: np.ndarray) -> Episode:
+    """The episode with its labels on `classes` (a superset of its own, in the same order)."""
+    lookup = np.full(IGNORE_INDEX + 1, IGNORE_INDEX, dtype=np.int64)
+    lookup[: len(episode.classes)] = np.searchsorted(classes, episode.classes)
+    return dataclasses.replace(
+        episode,
+        classes=classes,
+        support_labels=lookup[episode.support_labels],
+        query_labels=lookup[episode.query_labels],
+    )
+
+
+def check_queries(whole: Episode, cropped: Episode, size: int) -> None:
+    """Each query window is a window of its own query tile, with that tile's labels there."""
+    assert cropped.query_images.shape == (len(whole.query_images), whole.query_images.shape[1], size, size)
+    assert cropped.query_labels.shape == (len(whole.query_images), size, size)
+    for number, (image, labels) in enumerate(zip(cropped.query_images, cropped.query_labels)):
+        tile, row, col = window_of(whole.query_images[number : number + 1], image)
+        assert tile == 0
+        assert np.array_equal(labels, whole.query_labels[number, row : row + size, col : col + size])
+        # a window without labels teaches nothing: one holds labels wherever its tile does
+        assert (labels != IGNORE_INDEX).any() == (whole.query_labels[number] != IGNORE_INDEX).any()
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "scene"])
+def test_cropped_sparse_episodes_keep_every_labelled_support_pixel_in_windows_around_them(sen12ms, kind):
+    rows = sen12ms.split("val") if kind == "segmentation" else scene_rows(sen12ms, "val")
+    sampler: SegmentationSampler | SceneSampler = (
+        SegmentationSampler(rows, sen12ms.tiles, n_way=3, k_shot=6, query_tiles=2)
+        if kind == "segmentation"
+        else SceneSampler(rows, sen12ms.tiles, k_shot=5, max_tiles=6)
+    )
+    cropper = CroppedSampler(sampler, CROP)
+    assert cropper.regions() == sampler.regions()
+    for region in sorted(rows["region"].unique()):
+        assert cropper.shortfall(region) == sampler.shortfall(region)
+        for number in range(3):
+            whole = sampler.sample(region, episode_rng(0, region, number))
+            cropped = cropper.sample(region, episode_rng(0, region, number))
+            assert cropped.sparse_support and np.array_equal(cropped.classes, whole.classes)
+            labels = cropped.support_labels
+            assert cropped.support_images.shape[1:] == (13, 8, 8) and labels.shape[1:] == (8, 8)
+            # every labelled pixel, in exactly one window; every window holds labels
+            assert [(labels == label).sum() for label in range(len(whole.classes))] == [
+                (whole.support_labels == label).sum() for label in range(len(whole.classes))
+            ]
+            assert labelled_pixels(cropped.support_images, labels) == labelled_pixels(
+                whole.support_images, whole.support_labels
+            )
+            assert (labels != IGNORE_INDEX).any(axis=(1, 2)).all()
+            assert len(labels) <= (labels != IGNORE_INDEX).sum()  # at most one window per label
+            for image in cropped.support_images:
+                window_of(whole.support_images, image)  # cut from a support tile, inside it
+            check_queries(whole, cropped, CROP.size)
+
+
+def test_support_windows_are_a_grid_whose_cells_keep_their_own_labels_at_tile_edges():
+    rng = np.random.default_rng(0)
+    labels = np.full((2, 40, 36), IGNORE_INDEX, dtype=np.int64)
+    corners = [(0, 0, 0), (0, 39, 35), (0, 39, 0), (0, 0, 35), (1, 20, 17), (1, 21, 18), (1, 5, 30)]
+    for number, (tile, row, col) in enumerate(corners):
+        labels[tile, row, col] = number % 3
+    images = rng.random((2, 2, 40, 36)).astype(np.float32)
+    for seed in range(20):
+        windows, cut = label_windows(images, labels, 16, np.random.default_rng(seed))
+        assert windows.shape[1:] == (2, 16, 16) and cut.shape[1:] == (16, 16)
+        assert labelled_pixels(windows, cut) == labelled_pixels(images, labels)
+        assert (cut != IGNORE_INDEX).any(axis=(1, 2)).all()
+        assert len(cut) <= len(corners)
+    # tiles no larger than the window are one window each, whole
+    windows, cut = label_windows(images, labels, 64, rng)
+    assert np.array_equal(windows, images) and np.array_equal(cut, labels)
+    empty, none = label_windows(images, np.full_like(labels, IGNORE_INDEX), 16, rng)
+    assert empty.shape == (0, 2, 16, 16) and none.shape == (0, 16, 16)
+
+
+def test_random_windows_hold_labelled_pixels_when_a_candidate_does():
+    labels = np.full((3, 64, 64), IGNORE_INDEX, dtype=np.int64)
+    labels[:, :12, :12] = 1
+    labels[:, 4:8, 4:8] = 2
+    images = np.arange(3 * 64 * 64, dtype=np.float32).reshape(3, 1, 64, 64)
+    for seed in range(20):
+        windows, cut = random_windows(images, labels, 32, np.random.default_rng(seed), candidates=32)
+        assert windows.shape == (3, 1, 32, 32) and (cut != IGNORE_INDEX).any(axis=(1, 2)).all()
+        assert all((window_of(images[tile : tile + 1], windows[tile])[0] == 0) for tile in range(3))
+    draw, again = (random_windows(images, labels, 32, np.random.default_rng(5))[0] for _ in range(2))
+    assert np.array_equal(draw, again)
+    # a side no larger than the window stays whole
+    windows, cut = random_windows(images[:, :, :24], labels[:, :24], 32, np.random.default_rng(0))
+    assert windows.shape == (3, 1, 24, 32) and cut.shape == (3, 24, 32)
+
+
+def test_cropped_dense_episodes_cut_support_and_queries_and_classification_stays_whole(sen12ms, deepglobe):
+    rows = deepglobe.split("train")
+    sampler = DenseSegmentationSampler(rows, deepglobe.tiles, k_shot=3, query_tiles=2)
+    region = sorted(rows["region"].unique())[0]
+    for number in range(3):
+        whole = sampler.sample(region, episode_rng(1, region, number))
+        cropped = CroppedSampler(sampler, CROP).sample(region, episode_rng(1, region, number))
+        assert not cropped.sparse_support and set(cropped.classes) <= set(whole.classes)
+        # back on the whole episode's labels, the classes the windows hold, and only those
+        back = relabel_to(cropped, whole.classes)
+        held = np.union1d(cropped.support_labels, cropped.query_labels)
+        assert np.array_equal(cropped.classes, whole.classes[held[held != IGNORE_INDEX]])
+        assert cropped.support_images.shape == (3, 3, 16, 16) and cropped.support_labels.shape == (3, 16, 16)
+        for number_in_support, image in enumerate(cropped.support_images):
+            tile, row, col = window_of(whole.support_images, image)
+            assert tile == number_in_support
+            assert np.array_equal(back.support_labels[tile], whole.support_labels[tile, row : row + 16, col : col + 16])
+        check_queries(whole, back, CROP.size)
+
+    classification = ClassificationSampler(sen12ms.split("train"), sen12ms.tiles, n_way=2, k_shot=2, q_queries=2)
+    region = sorted(sen12ms.split("train")["region"].unique())[0]
+    a = classification.sample(region, episode_rng(0, region, 0))
+    b = CroppedSampler(classification, CROP).sample(region, episode_rng(0, region, 0))
+    assert same(a, b)
+
+
+def test_cropped_episodes_are_a_function_of_the_rng_and_tiles_no_larger_stay_whole(sen12ms):
+    rows = sen12ms.split("train")
+    regions = sorted(rows["region"].unique())
+
+    def episodes(seed: int, crop: Crop) -> list[Episode]:
+        fresh = TileCache(sen12ms.frame, Sen12ms())  # nothing shared between the two draws
+        sampler = SegmentationSampler(rows, fresh, n_way=3, k_shot=4, query_tiles=2)
+        return list(sample_episodes(CroppedSampler(sampler, crop), regions, 6, seed=seed))
+
+    first, again, other = episodes(3, CROP), episodes(3, CROP), episodes(4, CROP)
+    assert all(same(a, b) for a, b in zip(first, again))
+    assert not all(same(a, b) for a, b in zip(first, other))
+    whole = list(sample_episodes(SegmentationSampler(rows, sen12ms.tiles, n_way=3, k_shot=4), regions, 6, seed=3))
+    untouched = episodes(3, Crop(size=32, support_window=32))  # the sample data's 32 px tiles
+    assert all(same(a, b) for a, b in zip(whole, untouched))
+    with pytest.raises(ValueError, match="at least 1"):
+        Crop(size=0)

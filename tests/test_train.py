@@ -5,6 +5,7 @@ with classes, bands, normalisation, architecture and fine-tuning budget)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,14 +15,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from geo.classes import IGNORE_INDEX
+from geo.sample_data import write_sen12ms
 from models.checkpoint import load_run
+from models.learners import LEARNERS
+from pipeline.adapt import MapConfig
 from pipeline.cli import app
-from pipeline.protocol import SCENE_FINETUNE_STEPS
-from pipeline.train import TrainConfig
+from pipeline.ingest import ingest
+from pipeline.protocol import SCENE_FINETUNE_STEPS, load_split_index
+from pipeline.regions import build_regions
+from pipeline.train import TrainConfig, _Trainer, train, validation_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -159,6 +167,9 @@ def test_a_run_directory_holds_weights_only_checkpoints_and_a_complete_config(tr
         ({"method": "siamese"}, "method: 'siamese' is not one of protonet, reptile"),
         ({"validate_every": 0}, "validate_every must be at least 1"),
         ({"inner_lr": 0.0}, "must be positive"),
+        ({"crop": 100}, r"crop must be a multiple of 8 px \(the tiny U-Net halves its input 3 times\), got 100"),
+        ({"size": "base", "crop": 48}, "crop must be a multiple of 32 px"),
+        ({"support_window": 4}, "support_window must be a multiple of 8 px"),
     ],
 )
 def test_impossible_training_settings_are_refused_at_once(settings, problem):
@@ -173,4 +184,58 @@ def test_the_train_command_turns_bad_options_into_usage_errors(split_index, tmp_
     assert f"not one of {learners}" in flat(bad_method.output)
     zero = runner.invoke(app, ["train", str(split_index), "--checkpoint-every", "0", "--out", str(tmp_path / "r")])
     assert zero.exit_code == 2
+    odd_crop = runner.invoke(app, ["train", str(split_index), "--crop", "20", "--out", str(tmp_path / "r")])
+    assert odd_crop.exit_code == 2 and "crop must be a multiple of 8 px" in flat(odd_crop.output)
     assert not (tmp_path / "r").exists()
+
+
+def test_training_on_crops_of_larger_patches_runs_on_windows_and_records_the_crop(tmp_path):
+    root = write_sen12ms(tmp_path / "sen12ms", seed=0, regions=3, size=64, patches_per_region=9)
+    index = ingest("sen12ms", root, tmp_path / "index.parquet", progress=False).out
+    split = build_regions(index, tmp_path / "split.parquet", by="metadata", seed=0).index_path
+    windows = {"crop": 32, "support_window": 16}
+
+    def cropped(method: str, init_from: str | None = None) -> TrainConfig:
+        return TrainConfig(
+            method=method,
+            iterations=4,
+            validate_every=2,
+            validation_episodes=1,  # the budget pick at the end takes most of the time
+            checkpoint_every=2,
+            init_from=init_from,
+            crop=32,
+            support_window=16,
+        )
+
+    pretraining = cropped("pretrain")
+    pretrain = train(split, tmp_path / "pretrain", pretraining, progress=False)
+    config = cropped("maml", init_from=str(pretrain.run_dir))
+    maml = train(split, tmp_path / "maml", config, progress=False)
+    for run in (pretrain, maml):
+        recorded = json.loads((run.run_dir / "config.json").read_text())
+        assert {key: recorded["settings"][key] for key in windows} == windows
+        assert recorded["finetune_steps"] is not None and load_run(run.run_dir).config.settings["crop"] == 32
+
+    # what the learners were fed: windows, from seeded draws (a resumed run sees the same)
+    data = load_split_index(split)
+    model = load_run(pretrain.run_dir).model
+    batches = [_Trainer(LEARNERS["pretrain"](model, pretraining.learner_settings()), data, pretraining).tiles(3)]
+    batches.append(_Trainer(LEARNERS["pretrain"](model, pretraining.learner_settings()), data, pretraining).tiles(3))
+    (images, labels), (again, _) = batches
+    assert images.shape == (16, 13, 32, 32) and labels.shape == (16, 32, 32) and np.array_equal(images, again)
+    assert (labels != IGNORE_INDEX).any(axis=(1, 2)).all()
+    trainer = _Trainer(LEARNERS["maml"](model, config.learner_settings()), data, config)
+    for episode in [*trainer.meta_batch(2), *validation_episodes(data, config)]:
+        assert episode.support_images.shape[2:] == (16, 16) and episode.query_images.shape[2:] == (32, 32)
+        assert [(episode.support_labels == label).sum() for label in range(len(episode.classes))] == [
+            config.shape.k_shot
+        ] * len(episode.classes)
+    whole = dataclasses.replace(config, crop=None)
+    assert validation_episodes(data, whole)[0].query_images.shape[2:] == (64, 64)  # None: whole tiles
+
+
+def test_crops_default_to_windows_every_u_net_takes_and_supports_as_adapt_cuts_them():
+    config = TrainConfig()
+    assert config.crop is not None and config.crop % 32 == 0  # the base U-Net halves its input 5 times
+    assert config.support_window == MapConfig().support_window
+    assert TrainConfig(task="classification").crop_shape() is None  # patches keep their majority label
