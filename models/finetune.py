@@ -96,4 +96,4 @@ def predict(
         with autocast(device):
             logits = model(as_images(model, images[start : start + batch_size]))
         scores.append(episode_logits(logits, class_ids).float().softmax(dim=1).cpu().numpy())
-    return np.concatenate(scores)
+    return scores[0] if len(scores) == 1 else np.concatenate(scores)  # one batch (a map's): no copy

@@ -493,10 +493,15 @@ def _map(
     with rasterio.open(image) as src:
         rows = src.height
 
-    def predict_batch(batch: np.ndarray) -> np.ndarray:
-        scores = np.full((batch.shape[0], scheme.num_classes, *batch.shape[2:]), -np.inf, np.float32)
-        scores[:, classes] = np.log(np.clip(predictor(batch), 1e-12, None))
-        return scores
+    every_class = np.array_equal(classes, np.arange(scheme.num_classes))
+
+    def predict_batch(batch: np.ndarray) -> np.ndarray:  # the scheme's classes, 0 for those not adapted to
+        probabilities = predictor(batch)
+        if every_class:
+            return probabilities
+        on_scheme = np.zeros((batch.shape[0], scheme.num_classes, *batch.shape[2:]), np.float32)
+        on_scheme[:, classes] = probabilities
+        return on_scheme
 
     try:
         with output_group():  # all of the map's files appear together (or none): geo/atomic.py

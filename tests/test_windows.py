@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from benchmarks.predict_memory import measure_in_subprocess, whole_scene_bytes, 
 from geo.classes import ClassScheme, default_palette
 from geo.errors import DataError
 from geo.sample_data import write_geotiff
-from geo.windows import blend_weights, predict_scene, softmax, window_starts
+from geo.windows import blend_weights, predict_scene, softmax, window_batches, window_starts
 
 SCHEME = ClassScheme("three", ("Forest", "Water", "Urban"), default_palette(3))
 CRS_UTM = CRS.from_epsg(32631)
@@ -27,8 +30,12 @@ LOGIT_BIAS = np.array([0.0, 0.0, 1.0], dtype=np.float32)[None, :, None, None]
 
 
 def per_pixel_logits(batch: np.ndarray) -> np.ndarray:
-    """A model that looks at each pixel alone, so the true answer does not depend on the windows."""
     return np.einsum("kc,bchw->bkhw", LOGIT_WEIGHTS, batch) + LOGIT_BIAS
+
+
+def per_pixel_model(batch: np.ndarray) -> np.ndarray:
+    """A model that looks at each pixel alone, so the true answer does not depend on the windows."""
+    return softmax(per_pixel_logits(batch))
 
 
 def smooth_scene(path: Path, height: int, width: int, *, crs: CRS | None = CRS_UTM) -> np.ndarray:
@@ -86,7 +93,7 @@ def test_prediction_reproduces_a_per_pixel_model_on_the_input_grid(tmp_path: Pat
     image = smooth_scene(tmp_path / "scene.tif", 333, 517)
     result = predict_scene(
         tmp_path / "scene.tif",
-        per_pixel_logits,
+        per_pixel_model,
         tmp_path / "out" / "map.tif",
         scheme=SCHEME,
         window=96,
@@ -135,7 +142,7 @@ def test_blending_hides_window_edges(tmp_path: Path, overlap: int, seamless: boo
         scores = np.zeros((batch.shape[0], 3, *batch.shape[2:]), np.float32)
         for item in scores:
             item[0] = 2.0 if next(calls) % 2 else -2.0
-        return scores
+        return softmax(scores)
 
     result = predict_scene(
         tmp_path / "scene.tif",
@@ -160,7 +167,7 @@ def test_prediction_is_deterministic(tmp_path: Path):
     for run in range(2):
         result = predict_scene(
             tmp_path / "scene.tif",
-            per_pixel_logits,
+            per_pixel_model,
             tmp_path / f"map{run}.tif",
             scheme=SCHEME,
             window=64,
@@ -179,7 +186,7 @@ def test_scene_smaller_than_a_window_without_crs(tmp_path: Path):
     image = smooth_scene(tmp_path / "scene.tif", 40, 70, crs=None)
     result = predict_scene(
         tmp_path / "scene.tif",
-        per_pixel_logits,
+        per_pixel_model,
         tmp_path / "map.tif",
         scheme=SCHEME,
         window=128,
@@ -194,7 +201,12 @@ def test_scene_smaller_than_a_window_without_crs(tmp_path: Path):
     np.testing.assert_array_equal(class_map[valid], expected_probabilities(image).argmax(axis=0)[valid])
 
 
-def test_a_failure_midway_leaves_no_output_and_no_temporary_file(tmp_path: Path):
+def stage_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("predict_scene-")]
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_a_failure_midway_leaves_no_output_and_no_temporary_file(tmp_path: Path, pipelined: bool):
     smooth_scene(tmp_path / "scene.tif", 300, 300)
     out = tmp_path / "out"
     calls = iter(range(100))
@@ -202,7 +214,7 @@ def test_a_failure_midway_leaves_no_output_and_no_temporary_file(tmp_path: Path)
     def fails_on_third_batch(batch: np.ndarray) -> np.ndarray:
         if next(calls) == 2:
             raise RuntimeError("out of GPU memory")
-        return per_pixel_logits(batch)
+        return per_pixel_model(batch)
 
     with pytest.raises(RuntimeError, match="out of GPU memory"):
         predict_scene(
@@ -214,8 +226,10 @@ def test_a_failure_midway_leaves_no_output_and_no_temporary_file(tmp_path: Path)
             overlap=16,
             batch_size=2,
             probabilities_path=out / "prob.tif",
+            pipelined=pipelined,
         )
     assert list(out.iterdir()) == []
+    assert stage_threads() == []
 
 
 def test_wrong_model_output_and_unreadable_image_are_reported(tmp_path: Path):
@@ -232,11 +246,11 @@ def test_wrong_model_output_and_unreadable_image_are_reported(tmp_path: Path):
         )
     (tmp_path / "broken.tif").write_bytes(b"not a tiff")
     with pytest.raises(DataError, match=r"broken\.tif"):
-        predict_scene(tmp_path / "broken.tif", per_pixel_logits, tmp_path / "map.tif", scheme=SCHEME)
+        predict_scene(tmp_path / "broken.tif", per_pixel_model, tmp_path / "map.tif", scheme=SCHEME)
     with pytest.raises(DataError, match="has 2 bands"):
         predict_scene(
             tmp_path / "scene.tif",
-            per_pixel_logits,
+            per_pixel_model,
             tmp_path / "map.tif",
             scheme=SCHEME,
             bands=[1, 3],
@@ -247,15 +261,133 @@ def test_wrong_model_output_and_unreadable_image_are_reported(tmp_path: Path):
 def test_large_scene_peak_memory_stays_far_below_loading_it_whole(tmp_path: Path):
     """4096 x 4096 x 3 uint16, predicted in a fresh process: its RSS growth is a small fraction of
     what the whole scene with its float32 copy and scores would take."""
-    scene = write_large_scene(tmp_path / "large.tif", 4096)
-    figures = measure_in_subprocess(scene, tmp_path / "out", probabilities=False)
-    growth = figures["peak_rss"] - figures["baseline_rss"]
-    whole = whole_scene_bytes(4096, probabilities=False)
+    scene = write_large_scene(tmp_path / "large.tif", 4096, bands=3)
+    figures = measure_in_subprocess(scene, tmp_path / "out", model="linear", phases=("map",))
+    growth = figures["map"]["rss_growth"]
+    whole = whole_scene_bytes(4096, bands=3, probabilities=False)
     print(
-        f"peak RSS {figures['peak_rss'] / 2**20:.0f} MiB, growth {growth / 2**20:.0f} MiB, "
-        f"whole scene {whole / 2**20:.0f} MiB, {figures['megapixels_per_second']:.2f} Mpx/s"
+        f"peak RSS {figures['map']['peak_rss'] / 2**20:.0f} MiB, growth {growth / 2**20:.0f} MiB, "
+        f"whole scene {whole / 2**20:.0f} MiB, {figures['map']['megapixels_per_second']:.2f} Mpx/s"
     )
     assert growth < whole / 2.5
-    with rasterio.open(tmp_path / "out" / "classes.tif") as src:
-        assert (src.width, src.height) == (4096, 4096)
-        assert src.read(1, window=((0, 16), (0, 16))).max() == 255  # the nodata corner
+    assert not (tmp_path / "out" / "map").exists()  # the benchmark removes what it wrote
+
+
+# --- the pipeline: threads give the same bytes, and every stage's failure reaches the caller ----
+
+
+def neighbourhood_model(batch: np.ndarray) -> np.ndarray:
+    """Probabilities that depend on each window's content around a pixel (a 9-px box mean per band), so
+    windows disagree at their edges and the stitching shows in the probabilities."""
+    padded = np.pad(batch, ((0, 0), (0, 0), (4, 4), (4, 4)), mode="edge")
+    summed = padded.cumsum(axis=2).cumsum(axis=3)
+    summed = np.pad(summed, ((0, 0), (0, 0), (1, 0), (1, 0)))
+    box = summed[:, :, 9:, 9:] - summed[:, :, :-9, 9:] - summed[:, :, 9:, :-9] + summed[:, :, :-9, :-9]
+    return per_pixel_model(box / 81)
+
+
+def record_rows_done(seen: list[int], rows_done: int, _rows: int) -> None:
+    seen.append(rows_done)
+
+
+def test_pipelined_prediction_writes_the_bytes_of_the_sequential_one(tmp_path: Path):
+    """Also across layouts: a tiled scene is read a batch's columns at a time, one stored in rows a
+    strip at a time."""
+    image = smooth_scene(tmp_path / "tiled.tif", 333, 517)
+    write_geotiff(tmp_path / "striped.tif", image, CRS_UTM, TRANSFORM, nodata=0)
+    rows_done: dict[tuple[str, bool], list[int]] = {}
+    digests = {}
+    for layout, pipelined in itertools.product(("tiled", "striped"), (True, False)):
+        out = tmp_path / f"{layout}-{pipelined}"
+        rows_done[layout, pipelined] = []
+        result = predict_scene(
+            tmp_path / f"{layout}.tif",
+            neighbourhood_model,
+            out / "map.tif",
+            scheme=SCHEME,
+            window=64,
+            overlap=16,
+            batch_size=3,
+            probabilities_path=out / "prob.tif",
+            progress=functools.partial(record_rows_done, rows_done[layout, pipelined]),
+            pipelined=pipelined,
+        )
+        assert result.probabilities is not None
+        digests[layout, pipelined] = [
+            hashlib.sha256(path.read_bytes()).hexdigest() for path in (result.classes, result.probabilities)
+        ]
+    assert len({tuple(digest) for digest in digests.values()}) == 1, digests
+    assert len({tuple(done) for done in rows_done.values()}) == 1 and rows_done["tiled", True][-1] == 333
+    assert stage_threads() == []
+
+
+def test_window_batches_are_what_the_model_is_fed(tmp_path: Path):
+    smooth_scene(tmp_path / "scene.tif", 150, 200)
+    fed: list[np.ndarray] = []
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        fed.append(batch.copy())
+        return per_pixel_model(batch)
+
+    predict_scene(
+        tmp_path / "scene.tif", recording, tmp_path / "map.tif", scheme=SCHEME, window=64, overlap=16, batch_size=3
+    )
+    batches = list(window_batches(tmp_path / "scene.tif", window=64, overlap=16, batch_size=3))
+    assert len(batches) == len(fed) == 3 * 2  # 3 rows of 4 windows, in batches of 3 and 1
+    for given, read in zip(fed, batches):
+        np.testing.assert_array_equal(given, read)
+
+
+def test_nan_probabilities_midway_are_reported_from_the_writer_thread(tmp_path: Path):
+    smooth_scene(tmp_path / "scene.tif", 300, 300)
+    calls = iter(range(100))
+
+    def nan_on_fifth_batch(batch: np.ndarray) -> np.ndarray:
+        probabilities = per_pixel_model(batch)
+        if next(calls) == 4:
+            probabilities[0, :, 5, 7] = np.nan
+        return probabilities
+
+    with pytest.raises(ValueError, match="NaN or infinite probabilities"):
+        predict_scene(
+            tmp_path / "scene.tif",
+            nan_on_fifth_batch,
+            tmp_path / "out" / "map.tif",
+            scheme=SCHEME,
+            window=64,
+            overlap=16,
+            batch_size=2,
+            probabilities_path=tmp_path / "out" / "prob.tif",
+        )
+    assert list((tmp_path / "out").iterdir()) == []
+    assert stage_threads() == []
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_an_unreadable_window_midway_names_the_file_and_leaves_no_output(tmp_path: Path, pipelined: bool):
+    """A truncated GeoTIFF opens and its first rows read; the reader fails further down."""
+    image = tmp_path / "scene.tif"
+    smooth_scene(image, 400, 300)
+    os.truncate(image, int(image.stat().st_size * 0.6))
+    batches = iter(range(100))
+
+    def counting(batch: np.ndarray) -> np.ndarray:
+        next(batches)
+        return per_pixel_model(batch)
+
+    with pytest.raises(DataError, match=r"scene\.tif: cannot be read, truncated or corrupt") as error:
+        predict_scene(
+            image,
+            counting,
+            tmp_path / "out" / "map.tif",
+            scheme=SCHEME,
+            window=64,
+            overlap=16,
+            batch_size=2,
+            probabilities_path=tmp_path / "out" / "prob.tif",
+            pipelined=pipelined,
+        )
+    assert error.value.path == str(image)
+    assert next(batches) > 0  # the first strips were read and predicted
+    assert list((tmp_path / "out").iterdir()) == []
+    assert stage_threads() == []
