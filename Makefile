@@ -29,8 +29,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# make bench DEVICE=cuda: the GPU figures alone (benchmarks/run.py)
+DEVICE ?= cpu
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
