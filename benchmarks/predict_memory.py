@@ -5,12 +5,15 @@
 
 A 13-band uint16 scene (tiled, deflate, a nodata corner) of each size is written once; each model
 and size is measured in a fresh subprocess, so memory figures belong to that prediction alone. In
-one subprocess, on the same scene and the same windows (256 px, overlap 64, batch 8), in order:
+one subprocess, on the same scene and the same windows (256 px, overlap 64, batch 8):
 
 - forward: the bare network over exactly the batches `predict_scene` feeds it
   (`geo.windows.window_batches`, each read and scaled before the clock starts; timed: the batch
   onto the device, the forward under `torch.inference_mode` and the project's autocast (bf16 on
-  CUDA), the device synchronised);
+  CUDA) in the chunks `models.finetune.predict` runs it in (`models.device.forward_batch`: 2
+  windows at a time on a CPU), the device synchronised). Timed first and again after each map:
+  each map / forward ratio is against the mean of the forward passes just before and after it,
+  since the machine's speed drifts over minutes; the forward column is the mean of all;
 - map: `predict_scene` (reader and writer threads) with the network called the way `landcover
   predict` calls it (`models.finetune.predict`, probabilities over the scheme's classes, as
   pipeline/adapt.py's `_map` builds it), writing the class-map COG;
@@ -143,7 +146,7 @@ def network(name: str, device_name: str, bands: int = BANDS) -> Network:
     import torch
 
     from models.backbones import arch_preset, build_model
-    from models.device import autocast, pick_device
+    from models.device import autocast, forward_batch, pick_device
     from models.finetune import predict
 
     device = pick_device(device_name)
@@ -158,9 +161,11 @@ def network(name: str, device_name: str, bands: int = BANDS) -> Network:
     def predict_batch(batch: np.ndarray) -> np.ndarray:  # as pipeline/adapt.py's `_map` builds it
         return predict(model, batch, class_ids, batch_size=BATCH)
 
-    def forward(batch: np.ndarray) -> None:
+    def forward(batch: np.ndarray) -> None:  # in the chunks `predict` runs the network in
+        step = forward_batch(device, batch.shape, len(batch))
         with torch.inference_mode(), autocast(device):
-            model(torch.from_numpy(batch).to(device))
+            for start in range(0, len(batch), step):
+                model(torch.from_numpy(batch[start : start + step]).to(device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -228,12 +233,26 @@ def measure(
         "threads": net.threads,
         "parameters": net.parameters,
     }
-    for name in phases:
+    forwards: list[float] = []
+    """Seconds of each forward pass over the scene. With "forward" in `phases` one is timed
+    first and one after each map, so that each map is compared with the forward passes just
+    before and after it (the machine's speed drifts over minutes)."""
+    timed_forward = "forward" in phases
+    if timed_forward and net.forward is None:
+        raise ValueError("the linear model has no forward pass to time")
+    order = [name for name in phases if name != "forward"]
+    if timed_forward:
+        order = ["forward", *[step for name in order for step in (name, "forward")]]
+    for number, name in enumerate(order):
         with phase(figures, name, size) as timing:
             if name == "forward":
-                if net.forward is None:
-                    raise ValueError("the linear model has no forward pass to time")
+                assert net.forward is not None
                 timing["seconds"] = time_forward(net.forward, scene)
+                forwards.append(timing["seconds"])
+                if number:
+                    figures[f"{order[number - 1]}_forward_after"] = forwards[-1]
+                if number + 1 < len(order):
+                    figures[f"{order[number + 1]}_forward_before"] = forwards[-1]
             else:
                 target = out_dir / name
                 predict_scene(
@@ -249,6 +268,9 @@ def measure(
                 )
         if name != "forward":
             shutil.rmtree(out_dir / name)  # an 8192² probability COG is gigabytes
+    if forwards:
+        figures["forward"]["seconds"] = float(np.mean(forwards))
+        figures["forward"]["megapixels_per_second"] = size * size / 1e6 / figures["forward"]["seconds"]
     return figures
 
 
@@ -288,9 +310,11 @@ def speed_row(figures: dict[str, Any]) -> str:
         return f"{figures[name]['megapixels_per_second']:.2f}" if name in figures else "–"
 
     def ratio(name: str) -> str:
+        """The map's speed over the mean of the forward passes timed just before and after it."""
         if name not in figures or "forward" not in figures:
             return "–"
-        return f"{figures['forward']['seconds'] / figures[name]['seconds']:.0%}"
+        around = [figures[f"{name}_forward_before"], figures[f"{name}_forward_after"]]
+        return f"{np.mean(around) / figures[name]['seconds']:.0%}"
 
     growth = max(figures[name]["rss_growth"] for name in PHASES if name in figures)
     return (

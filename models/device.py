@@ -33,6 +33,21 @@ def autocast(device: torch.device) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+CPU_PIXELS_PER_FORWARD = 2 * 256 * 256
+"""A CPU forward pass takes at most this many pixels (items x height x width): the activations
+then stay small enough for the CPU's caches. Measured on the tiny U-Net over 256 px windows,
+2 windows at a time ran 1.6x faster than 8 (0.149 against 0.240 s for 8 windows) and its peak
+memory fell from 164 MiB."""
+
+
+def forward_batch(device: torch.device, shape: Sequence[int], batch_size: int) -> int:
+    """How many of the items of `shape` (B, C, H, W) or (B, C) one inference forward takes on
+    `device`: `batch_size` on a GPU, fewer on a CPU (`CPU_PIXELS_PER_FORWARD`)."""
+    if device.type != "cpu" or len(shape) < 4:
+        return batch_size
+    return max(1, min(batch_size, CPU_PIXELS_PER_FORWARD // (shape[-1] * shape[-2])))
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of a model's parameters: inputs follow the model, never the other way round."""
     return next(model.parameters()).device

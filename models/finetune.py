@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from models.backbones import IGNORE_INDEX, episode_logits
-from models.device import as_images, as_labels, autocast, model_device
+from models.device import as_images, as_labels, autocast, forward_batch, model_device
 from models.maml import Schedule, adapted_names, inner_step, rates_at
 
 
@@ -86,14 +86,20 @@ def predict(
     """Softmax scores over an episode's classes (all classes with None), float32 numpy.
 
     (B, N) for classification, (B, N, H, W) for segmentation; argmax over axis 1 gives the
-    episode labels 0..N-1. Scores, not labels, so overlapping windows can be averaged.
+    episode labels 0..N-1. Scores, not labels, so overlapping windows can be averaged. The
+    network sees `batch_size` items at a time, fewer on a CPU (`models.device.forward_batch`).
     """
     model.eval()
     device = model_device(model)
     class_ids = None if classes is None else as_labels(classes, device)
-    scores = []
-    for start in range(0, len(images), batch_size):
+    step = forward_batch(device, images.shape, batch_size)
+    scores: np.ndarray | None = None
+    for start in range(0, len(images), step):
         with autocast(device):
-            logits = model(as_images(model, images[start : start + batch_size]))
-        scores.append(episode_logits(logits, class_ids).float().softmax(dim=1).cpu().numpy())
-    return scores[0] if len(scores) == 1 else np.concatenate(scores)  # one batch (a map's): no copy
+            logits = model(as_images(model, images[start : start + step]))
+        chunk = episode_logits(logits, class_ids).float().softmax(dim=1).cpu().numpy()
+        if scores is None:
+            scores = chunk if step >= len(images) else np.empty((len(images), *chunk.shape[1:]), np.float32)
+        if scores is not chunk:
+            scores[start : start + step] = chunk
+    return scores if scores is not None else np.empty((0, 0), np.float32)

@@ -30,7 +30,7 @@ from models.checkpoint import (
     save_run,
     save_train_state,
 )
-from models.device import autocast, pick_device
+from models.device import autocast, forward_batch, pick_device
 from models.finetune import finetune, predict
 from models.learner import LearnerSettings
 from models.maml import Maml
@@ -176,6 +176,16 @@ def test_predict_gives_scores_over_episode_classes():
     scores = predict(model, np.zeros((3, 3, 16, 16), np.float32), [6, 0, 2], batch_size=2)
     assert scores.shape == (3, 3, 16, 16) and scores.dtype == np.float32
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_predict_on_a_cpu_runs_large_windows_a_few_at_a_time_with_the_same_scores():
+    model = build_model(arch_preset("tiny", "segmentation", 3, 4), seed=0).eval()
+    windows = np.random.default_rng(0).random((5, 3, 256, 256), dtype=np.float32)
+    assert forward_batch(torch.device("cpu"), windows.shape, 8) == 2  # 5 windows: chunks of 2, 2, 1
+    with torch.no_grad():
+        whole = model(torch.from_numpy(windows)).softmax(dim=1).numpy()
+    np.testing.assert_allclose(predict(model, windows, None, batch_size=8), whole, atol=1e-5)
+    assert forward_batch(torch.device("cpu"), (64, 3, 32, 32), 64) == 64  # small tiles: all at once
 
 
 def test_pretraining_lowers_the_loss_on_global_class_ids():
