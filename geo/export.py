@@ -14,7 +14,7 @@ import itertools
 import json
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +152,39 @@ def _class_tags(scheme: ClassScheme) -> dict[str, str]:
     return {CLASS_SCHEME_TAG: scheme.name, CLASS_NAMES_TAG: json.dumps(list(scheme.names))}
 
 
+CONFIDENCE_DESCRIPTION = "confidence: the map's probability of the class it shows (0-1)"
+
+
+@contextlib.contextmanager
+def confidence_writer(path: str | Path, grid: Grid) -> Iterator[DatasetWriter]:
+    """Yield a float32 single-band dataset (NaN = nodata) that becomes a COG at `path`, with a
+    QGIS style showing it as a red-to-green ramp (`write_ramp_qml`).
+
+    The band is the blended probability of the class the map shows at each pixel, the number a
+    person reads to see where the map is unsure; its description says so. Overviews average it
+    and it is stored as the probabilities are (zstd, floating-point predictor).
+    """
+
+    def describe(dst: DatasetWriter) -> None:
+        dst.set_band_description(1, CONFIDENCE_DESCRIPTION)
+
+    with _cog_writer(
+        path,
+        grid,
+        count=1,
+        dtype="float32",
+        nodata=float("nan"),
+        describe=describe,
+        compress_staging=False,
+        RESAMPLING="AVERAGE",
+        COMPRESS="ZSTD",
+        PREDICTOR="YES",
+        LEVEL=1,
+    ) as dst:
+        yield dst
+    write_ramp_qml(style_path(path))
+
+
 @contextlib.contextmanager
 def _cog_writer(
     path: str | Path,
@@ -211,17 +244,7 @@ def _cog_writer(
 
 def write_qml(path: str | Path, scheme: ClassScheme) -> Path:
     """A QGIS style with a paletted renderer: one named, coloured entry per class id."""
-    root = ET.Element("qgis", version="3.28.0", styleCategories="AllStyleCategories")
-    pipe = ET.SubElement(root, "pipe")
-    provider = ET.SubElement(pipe, "provider")
-    ET.SubElement(
-        provider,
-        "resampling",
-        enabled="false",
-        zoomedInResamplingMethod="nearestNeighbour",
-        zoomedOutResamplingMethod="nearestNeighbour",
-        maxOversampling="2",
-    )
+    root, pipe = _qml_pipe()
     renderer = ET.SubElement(
         pipe, "rasterrenderer", type="paletted", band="1", opacity="1", alphaBand="-1", nodataColor=""
     )
@@ -236,6 +259,66 @@ def write_qml(path: str | Path, scheme: ClassScheme) -> Path:
             label=name,
             alpha="255",
         )
+    return _write_qml_document(path, root, pipe)
+
+
+CONFIDENCE_RAMP = ((0.0, "#d7191c", "uncertain"), (0.5, "#fdae61", ""), (0.75, "#ffffbf", ""), (1.0, "#1a9641", "sure"))
+"""(value, colour, label) stops of the confidence style: red where the map is unsure, green where
+it is sure (ColorBrewer's RdYlGn, colour-blind safer ends than pure red and green)."""
+
+
+def write_ramp_qml(path: str | Path, stops: Sequence[tuple[float, str, str]] = CONFIDENCE_RAMP) -> Path:
+    """A QGIS style with a pseudocolour ramp over band 1, interpolated between `stops`, its
+    minimum and maximum fixed to theirs (not stretched to the raster's statistics)."""
+    low, high = stops[0][0], stops[-1][0]
+    root, pipe = _qml_pipe()
+    renderer = ET.SubElement(
+        pipe,
+        "rasterrenderer",
+        type="singlebandpseudocolor",
+        band="1",
+        opacity="1",
+        alphaBand="-1",
+        classificationMin=str(low),
+        classificationMax=str(high),
+        nodataColor="",
+    )
+    ET.SubElement(renderer, "rasterTransparency")
+    origin = ET.SubElement(renderer, "minMaxOrigin")
+    for tag, text in (("limits", "None"), ("extent", "WholeRaster"), ("statAccuracy", "Estimated")):
+        ET.SubElement(origin, tag).text = text
+    shader = ET.SubElement(ET.SubElement(renderer, "rastershader"), "colorrampshader")
+    shader.attrib.update(
+        colorRampType="INTERPOLATED",
+        classificationMode="1",
+        clip="0",
+        minimumValue=str(low),
+        maximumValue=str(high),
+        labelPrecision="2",
+    )
+    for value, color, label in stops:
+        text = f"{value:.2f}" + (f" ({label})" if label else "")
+        ET.SubElement(shader, "item", value=str(value), color=color, label=text, alpha="255")
+    return _write_qml_document(path, root, pipe)
+
+
+def _qml_pipe() -> tuple[ET.Element, ET.Element]:
+    """A QGIS style document and its render pipe, nearest-neighbour resampling (no blurring)."""
+    root = ET.Element("qgis", version="3.28.0", styleCategories="AllStyleCategories")
+    pipe = ET.SubElement(root, "pipe")
+    provider = ET.SubElement(pipe, "provider")
+    ET.SubElement(
+        provider,
+        "resampling",
+        enabled="false",
+        zoomedInResamplingMethod="nearestNeighbour",
+        zoomedOutResamplingMethod="nearestNeighbour",
+        maxOversampling="2",
+    )
+    return root, pipe
+
+
+def _write_qml_document(path: str | Path, root: ET.Element, pipe: ET.Element) -> Path:
     ET.SubElement(pipe, "rasterresampler", maxOversampling="2")
     ET.SubElement(root, "blendMode").text = "0"
     ET.indent(root)

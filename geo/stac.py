@@ -78,6 +78,7 @@ ASSET_KINDS: dict[str, AssetKind] = {
     "style": AssetKind(pystac.MediaType.XML, ("style", "metadata"), "QGIS style (paletted, one entry per class)"),
     "probabilities": AssetKind(pystac.MediaType.COG, ("data",), "Class probabilities (a band per class, in id order)"),
     "confidence": AssetKind(pystac.MediaType.COG, ("data", "quality"), "Confidence of each pixel's class"),
+    "confidence-style": AssetKind(pystac.MediaType.XML, ("style", "metadata"), "QGIS style of the confidence (a ramp)"),
     "polygons": AssetKind(pystac.MediaType.GEOPACKAGE, ("data",), "Class polygons"),
     "report": AssetKind(pystac.MediaType.JSON, ("metadata",), "Estimated accuracy of the map (JSON)"),
     "report-markdown": AssetKind("text/markdown", ("metadata",), "Estimated accuracy of the map"),

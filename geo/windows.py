@@ -50,7 +50,14 @@ from rasterio.windows import Window
 
 from geo.classes import IGNORE_INDEX, ClassScheme
 from geo.errors import DataError
-from geo.export import GDAL_CACHE_BYTES, Grid, class_raster_writer, probability_writer, style_path
+from geo.export import (
+    GDAL_CACHE_BYTES,
+    Grid,
+    class_raster_writer,
+    confidence_writer,
+    probability_writer,
+    style_path,
+)
 from geo.readers import read_valid, scene_scaling
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
@@ -73,6 +80,7 @@ class SceneMap:
     classes: Path
     style: Path
     probabilities: Path | None
+    confidence: Path | None
     grid: Grid
     valid_pixels: int
 
@@ -135,10 +143,12 @@ def predict_scene(
     scale: Callable[[np.ndarray], np.ndarray] | None = None,
     bands: Sequence[int] | None = None,
     probabilities_path: str | Path | None = None,
+    confidence_path: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     pipelined: bool = True,
 ) -> SceneMap:
-    """Map a scene: a class-map COG (+ QGIS style) and optionally a probability COG, on its grid.
+    """Map a scene: a class-map COG (+ QGIS style), and optionally a probability COG and a
+    confidence COG (the shown class's probability, + a ramp style), on its grid.
 
     `bands` are 1-based band indexes fed to the model, in that order (default: all); `scale` turns
     the raw pixels (C, window, window) of those bands in one window into model input (default:
@@ -168,6 +178,9 @@ def predict_scene(
                 if probabilities_path is not None
                 else None
             )
+            confidence_dst = (
+                outputs.enter_context(confidence_writer(confidence_path, grid)) if confidence_path is not None else None
+            )
             stitcher = _Stitcher(scheme.num_classes, grid, window, overlap)
 
             def read(dataset: DatasetReader) -> Iterator[_Batch | _StripEnd]:
@@ -181,7 +194,7 @@ def predict_scene(
                     stitcher.add(item.lefts, item.probabilities)
                     return None
                 with stitcher.finish(item) as strip:
-                    _write_strip(strip, classes_dst, probabilities_dst)
+                    _write_strip(strip, classes_dst, probabilities_dst, confidence_dst)
                 _release_freed_memory()
                 return _Written(item.top + item.rows, int(item.valid.sum()))
 
@@ -196,6 +209,7 @@ def predict_scene(
         classes=Path(out_classes),
         style=style_path(out_classes),
         probabilities=None if probabilities_path is None else Path(probabilities_path),
+        confidence=None if confidence_path is None else Path(confidence_path),
         grid=grid,
         valid_pixels=valid_pixels,
     )
@@ -221,9 +235,14 @@ def window_batches(
                 yield item.pixels
 
 
-def _write_strip(strip: _Strip, classes_dst: DatasetWriter, probabilities_dst: DatasetWriter | None) -> None:
-    """Class ids (argmax, 255 on nodata) and probabilities (NaN on nodata) of finished rows, each
-    raster in one call for all its bands."""
+def _write_strip(
+    strip: _Strip,
+    classes_dst: DatasetWriter,
+    probabilities_dst: DatasetWriter | None,
+    confidence_dst: DatasetWriter | None,
+) -> None:
+    """Class ids (argmax, 255 on nodata), probabilities and confidence (the shown class's
+    probability; NaN on nodata) of finished rows, each raster in one call for all its bands."""
     height, width = strip.valid.shape
     rows = Window(0, strip.row, width, height)
     nodata = ~strip.valid
@@ -232,6 +251,10 @@ def _write_strip(strip: _Strip, classes_dst: DatasetWriter, probabilities_dst: D
         classes[top : top + ARGMAX_ROWS] = strip.probabilities[:, top : top + ARGMAX_ROWS].argmax(axis=0)
     classes[nodata] = IGNORE_INDEX
     classes_dst.write(classes, 1, window=rows)
+    if confidence_dst is not None:
+        confidence = strip.probabilities.max(axis=0)
+        confidence[nodata] = np.nan
+        confidence_dst.write(confidence, 1, window=rows)
     if probabilities_dst is not None:
         np.copyto(strip.probabilities, np.float32(np.nan), where=nodata)  # broadcast over the classes
         probabilities_dst.write(strip.probabilities, window=rows)

@@ -124,6 +124,7 @@ def adapt(
     *,
     compare: Sequence[Path | str] = (),
     probabilities: Path | None = None,
+    confidence: Path | None = None,
     vector: Path | None = None,
     save_adapted: Path | None = None,
     config: MapConfig = MapConfig(),
@@ -139,7 +140,7 @@ def adapt(
     """
     sources = _unique_sources([model_dir, *compare, *([PIXEL] if config.pixel else [])])
     _check_outputs(
-        {"--out": out, "--probabilities": probabilities, "--vector": vector},
+        {"--out": out, "--probabilities": probabilities, "--confidence": confidence, "--vector": vector},
         {
             "--model": model_dir,
             "--image": image,
@@ -195,6 +196,7 @@ def adapt(
             scheme,
             scene.classes,
             probabilities,
+            confidence,
             vector,
             config,
             stride,
@@ -381,6 +383,7 @@ def predict_map(
     out: Path,
     *,
     probabilities: Path | None = None,
+    confidence: Path | None = None,
     vector: Path | None = None,
     config: MapConfig = MapConfig(),
     progress: bool = True,
@@ -389,7 +392,7 @@ def predict_map(
     and maps with its closed-form head when adapting chose one; `progress` shows the map's
     progress (stderr)."""
     _check_outputs(
-        {"--out": out, "--probabilities": probabilities, "--vector": vector},
+        {"--out": out, "--probabilities": probabilities, "--confidence": confidence, "--vector": vector},
         {"--model": model_dir, "--image": image},
         reports=False,
     )
@@ -410,6 +413,7 @@ def predict_map(
             scheme,
             classes,
             probabilities,
+            confidence,
             vector,
             config,
             _stride(run.config),
@@ -443,6 +447,8 @@ def _write_item(
     assets = {
         "style": result.scene_map.style,
         "probabilities": result.scene_map.probabilities,
+        "confidence": result.scene_map.confidence,
+        "confidence-style": None if result.scene_map.confidence is None else style_path(result.scene_map.confidence),
         "polygons": result.polygons,
         "report": report.json if report is not None else None,
         "report-markdown": report.markdown if report is not None else None,
@@ -482,6 +488,7 @@ def _map(
     scheme: ClassScheme,
     classes: np.ndarray,
     probabilities: Path | None,
+    confidence: Path | None,
     vector: Path | None,
     config: MapConfig,
     stride: int,
@@ -522,6 +529,7 @@ def _map(
                     batch_size=config.batch_size,
                     bands=bands,
                     probabilities_path=probabilities,
+                    confidence_path=confidence,
                     progress=mapped,
                 )
             if vector is not None:

@@ -325,6 +325,12 @@ def _check_device(device: str) -> None:
         raise typer.BadParameter(str(error), param_hint="--device") from None
 
 
+ConfidenceOption = typer.Option(
+    None,
+    "--confidence",
+    help="Also write the confidence here: one float32 band, the map's probability of the class it shows "
+    "(a COG with a red-to-green QGIS style).",
+)
 DeviceOption = typer.Option(Device.AUTO, "--device", help="auto: cuda when torch sees a GPU, else cpu.")
 TRAIN_DEFAULT = "Default: TrainConfig's (pipeline/train.py)."
 EVALUATE_DEFAULT = "Default: EvaluateConfig's (pipeline/evaluate.py)."
@@ -510,10 +516,14 @@ def evaluate(
 
 def _print_map(result, out: Path) -> None:
     """Where the map went and what it holds; a scene without CRS is called out."""
+    from geo.export import style_path
+
     scene_map = result.scene_map
     typer.echo(f"map: {scene_map.classes} (style {scene_map.style}); classes: {', '.join(result.classes)}")
     if scene_map.probabilities:
         typer.echo(f"probabilities: {scene_map.probabilities}")
+    if scene_map.confidence:
+        typer.echo(f"confidence: {scene_map.confidence} (style {style_path(scene_map.confidence)})")
     if result.polygons:
         typer.echo(f"polygons: {result.polygons}")
     if result.adapted_dir:
@@ -559,6 +569,7 @@ def adapt(
     class_column: str = typer.Option("class", "--class-column", help="Column of class names or ids."),
     steps: int | None = typer.Option(None, "--steps", min=0, help="Fine-tuning steps (default: picked on validation)."),
     probabilities: Path | None = typer.Option(None, "--probabilities", help="Also write class probabilities here."),
+    confidence: Path | None = ConfidenceOption,
     vector: Path | None = typer.Option(None, "--vector", help="Also write the map as polygons (GeoPackage)."),
     save_adapted: Path | None = typer.Option(None, "--save-adapted", help="Save the adapted model here."),
     device: Device = DeviceOption,
@@ -587,6 +598,7 @@ def adapt(
         out,
         compare=compare,
         probabilities=probabilities,
+        confidence=confidence,
         vector=vector,
         save_adapted=save_adapted,
         config=config,
@@ -629,6 +641,7 @@ def predict(
     image: Path = typer.Option(..., "--image", help="Scene GeoTIFF with the model's bands."),
     out: Path = typer.Option(..., "--out", help="Class map to write (Cloud-Optimized GeoTIFF)."),
     probabilities: Path | None = typer.Option(None, "--probabilities", help="Also write class probabilities here."),
+    confidence: Path | None = ConfidenceOption,
     vector: Path | None = typer.Option(None, "--vector", help="Also write the map as polygons (GeoPackage)."),
     device: Device = DeviceOption,
 ) -> None:
@@ -637,7 +650,9 @@ def predict(
 
     _check_device(device.value)
     config = MapConfig(device=device.value)
-    result = predict_map(model, image, out, probabilities=probabilities, vector=vector, config=config)
+    result = predict_map(
+        model, image, out, probabilities=probabilities, confidence=confidence, vector=vector, config=config
+    )
     _print_map(result, out)
 
 

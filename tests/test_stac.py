@@ -49,7 +49,7 @@ EXTENSIONS = {
 CLASS_NAME = re.compile(r"^[0-9A-Za-z_-]+$")
 """classification v2.0.0: a class's `name` is for machines; `title` is what a legend shows."""
 COLOR_HINT = re.compile(r"^[0-9A-F]{6}$")
-ALL_OPTIONAL = {"probabilities", "polygons", "report", "report-markdown"}
+ALL_OPTIONAL = {"probabilities", "confidence", "confidence-style", "polygons", "report", "report-markdown"}
 EMPTY_ITEM: dict[str, Any] = {
     "type": "Feature",
     "stac_version": "1.1.0",
@@ -90,7 +90,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Maps:
     folder: Path
     adapted: Path
-    """`adapt --model pixel` with probabilities and polygons (and so its reports)."""
+    """`adapt --model pixel` with probabilities, confidence and polygons (and so its reports)."""
     predicted: Path
     """`predict` with the tiny run into a subfolder, no optional output."""
 
@@ -111,6 +111,8 @@ def maps(tiny_run: Path, scene_files: SceneFiles, tmp_path_factory: pytest.TempP
         made.adapted,
         "--probabilities",
         folder / "probabilities.tif",
+        "--confidence",
+        folder / "confidence.tif",
         "--vector",
         folder / "map.gpkg",
         "--device",
@@ -118,6 +120,7 @@ def maps(tiny_run: Path, scene_files: SceneFiles, tmp_path_factory: pytest.TempP
     )
     assert adapted.exit_code == 0, adapted.output
     assert f"STAC item: {item_path(made.adapted)}" in adapted.output
+    assert f"confidence: {folder / 'confidence.tif'} (style {folder / 'confidence.qml'})" in adapted.output
     predicted = invoke(
         "predict", "--model", tiny_run, "--image", scene_files.image, "--out", made.predicted, "--device", "cpu"
     )
@@ -207,6 +210,8 @@ def test_the_map_asset_lists_the_schemes_classes_with_names_and_colours(maps: Ma
     assert asset["raster:bands"] == [{"data_type": "uint8", "nodata": 255, "spatial_resolution": pixel}]
     probabilities = item["assets"]["probabilities"]["raster:bands"]
     assert probabilities == [{"data_type": "float32", "nodata": "nan", "spatial_resolution": pixel}] * DFC10.num_classes
+    confidence = item["assets"]["confidence"]["raster:bands"]
+    assert confidence == [{"data_type": "float32", "nodata": "nan", "spatial_resolution": pixel}]
 
 
 def test_provenance_and_datetime_say_how_and_when(maps: Maps, tiny_run: Path, scene_files: SceneFiles, tmp_path: Path):
@@ -266,6 +271,8 @@ def test_optional_assets_are_listed_exactly_when_written(
         "map": "./map.tif",
         "style": "./map.qml",
         "probabilities": "./probabilities.tif",
+        "confidence": "./confidence.tif",
+        "confidence-style": "./confidence.qml",
         "polygons": "./map.gpkg",
         "report": "./map.report.json",
         "report-markdown": "./map.report.md",

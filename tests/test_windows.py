@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import threading
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from rio_cogeo.cogeo import cog_validate
 from benchmarks.predict_memory import measure_in_subprocess, whole_scene_bytes, write_large_scene
 from geo.classes import ClassScheme, default_palette
 from geo.errors import DataError
+from geo.export import style_path
 from geo.sample_data import write_geotiff
 from geo.windows import blend_weights, predict_scene, softmax, window_batches, window_starts
 
@@ -128,6 +130,41 @@ def test_prediction_reproduces_a_per_pixel_model_on_the_input_grid(tmp_path: Pat
     assert np.isnan(stored[:, nodata]).all()
     assert len(set(np.unique(class_map[~nodata]))) == 3  # the test scene exercises every class
     assert cog_validate(str(result.classes))[0] and cog_validate(str(result.probabilities))[0]
+
+
+def test_confidence_is_the_shown_class_probability_on_the_grid_with_nodata_and_a_ramp_style(tmp_path: Path):
+    image = smooth_scene(tmp_path / "scene.tif", 200, 260)
+    result = predict_scene(
+        tmp_path / "scene.tif",
+        per_pixel_model,
+        tmp_path / "out" / "map.tif",
+        scheme=SCHEME,
+        window=96,
+        overlap=24,
+        probabilities_path=tmp_path / "out" / "prob.tif",
+        confidence_path=tmp_path / "out" / "confidence.tif",
+    )
+    nodata = (image == 0).all(axis=0)
+    assert result.confidence is not None and result.probabilities is not None
+    with (
+        rasterio.open(tmp_path / "scene.tif") as src,
+        rasterio.open(result.confidence) as confidence,
+        rasterio.open(result.probabilities) as probabilities,
+        rasterio.open(result.classes) as classes,
+    ):
+        assert (confidence.crs, confidence.transform, confidence.shape) == (src.crs, src.transform, src.shape)
+        assert confidence.count == 1 and confidence.dtypes[0] == "float32" and np.isnan(confidence.nodata)
+        assert "probability of the class it shows" in confidence.descriptions[0]
+        shown = confidence.read(1)
+        stored, class_map = probabilities.read(), classes.read(1)
+    assert np.isnan(shown[nodata]).all() and np.isfinite(shown[~nodata]).all()
+    rows, cols = np.nonzero(~nodata)
+    np.testing.assert_array_equal(shown[~nodata], stored[class_map[rows, cols], rows, cols])
+    assert shown[~nodata].min() >= 1 / 3 and shown[~nodata].max() <= 1  # 3 classes: never below a third
+    assert cog_validate(str(result.confidence))[0]
+    style = ET.parse(style_path(result.confidence)).getroot()
+    shader = style.find(".//rasterrenderer[@type='singlebandpseudocolor']//colorrampshader")
+    assert shader is not None and (shader.get("minimumValue"), shader.get("maximumValue")) == ("0.0", "1.0")
     assert result.style.exists()
 
 
