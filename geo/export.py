@@ -100,34 +100,14 @@ def class_raster_writer(path: str | Path, scheme: ClassScheme, grid: Grid) -> It
 
 @contextlib.contextmanager
 def probability_writer(path: str | Path, scheme: ClassScheme, grid: Grid) -> Iterator[DatasetWriter]:
-    """Yield a float32 dataset with one band per class (NaN = nodata) that becomes a COG at `path`.
-
-    Overviews average probabilities, which keeps them probabilities. Zstandard (level 1) with the
-    floating-point predictor: float32 probabilities barely compress, and zstd gives the size of
-    deflate level 1 (149 against 147 MiB for 10 classes at 2048²) in half its time (1.9 against
-    3.9 s), which was most of what writing probabilities cost (GDAL >= 2.3 and every QGIS 3 read
-    it). For the same reason the staging file is not compressed: zstd saved under a tenth of its
-    size and cost a compression while writing and a decompression in each of the COG copy's two
-    passes (overviews, then the full resolution).
-    """
+    """Yield a float32 dataset with one band per class (NaN = nodata) that becomes a COG at `path`
+    (stored as `_fraction_writer` says)."""
 
     def describe(dst: DatasetWriter) -> None:
         dst.descriptions = scheme.names
         dst.update_tags(**_class_tags(scheme))
 
-    with _cog_writer(
-        path,
-        grid,
-        count=scheme.num_classes,
-        dtype="float32",
-        nodata=float("nan"),
-        describe=describe,
-        compress_staging=False,
-        RESAMPLING="AVERAGE",
-        COMPRESS="ZSTD",
-        PREDICTOR="YES",
-        LEVEL=1,
-    ) as dst:
+    with _fraction_writer(path, grid, scheme.num_classes, describe) as dst:
         yield dst
 
 
@@ -162,16 +142,35 @@ def confidence_writer(path: str | Path, grid: Grid) -> Iterator[DatasetWriter]:
 
     The band is the blended probability of the class the map shows at each pixel, the number a
     person reads to see where the map is unsure; its description says so. Overviews average it
-    and it is stored as the probabilities are (zstd, floating-point predictor).
+    and it is stored as the probabilities are (`_fraction_writer`).
     """
 
     def describe(dst: DatasetWriter) -> None:
         dst.set_band_description(1, CONFIDENCE_DESCRIPTION)
 
+    with _fraction_writer(path, grid, 1, describe) as dst:
+        yield dst
+    write_ramp_qml(style_path(path))
+
+
+@contextlib.contextmanager
+def _fraction_writer(
+    path: str | Path, grid: Grid, count: int, describe: Callable[[DatasetWriter], None]
+) -> Iterator[DatasetWriter]:
+    """A float32 COG of values in 0..1 (NaN = nodata): probabilities and the confidence.
+
+    Overviews average them, which keeps probabilities probabilities. Zstandard (level 1) with the
+    floating-point predictor: float32 probabilities barely compress, and zstd gives the size of
+    deflate level 1 (149 against 147 MiB for 10 classes at 2048²) in half its time (1.9 against
+    3.9 s), which was most of what writing probabilities cost (GDAL >= 2.3 and every QGIS 3 read
+    it). For the same reason the staging file is not compressed: zstd saved under a tenth of its
+    size and cost a compression while writing and a decompression in each of the COG copy's two
+    passes (overviews, then the full resolution).
+    """
     with _cog_writer(
         path,
         grid,
-        count=1,
+        count=count,
         dtype="float32",
         nodata=float("nan"),
         describe=describe,
@@ -182,7 +181,6 @@ def confidence_writer(path: str | Path, grid: Grid) -> Iterator[DatasetWriter]:
         LEVEL=1,
     ) as dst:
         yield dst
-    write_ramp_qml(style_path(path))
 
 
 @contextlib.contextmanager
