@@ -18,7 +18,9 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyogrio
 import rasterio
+from pyproj import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, WindowError
 from rasterio.features import rasterize
 from rasterio.transform import rowcol
@@ -96,6 +98,15 @@ def read_labels(
         np.concatenate(labels),
         grid,
     )
+
+
+def labels_crs(vector_path: str | Path, layer: str | None = None) -> CRS | None:
+    """The CRS of a labels file (None when it has none), read without its features."""
+    try:
+        found = pyogrio.read_info(vector_path, layer=layer)["crs"]
+    except Exception as error:  # pyogrio raises several unrelated types for unreadable files
+        raise DataError(vector_path, f"cannot read the labels file: {error}") from None
+    return CRS.from_user_input(found) if found else None
 
 
 def _scene_grid(scene_path: str | Path) -> Grid:

@@ -37,10 +37,11 @@ from geo.atomic import (
 from geo.classes import DFC10, IGNORE_INDEX, SCHEMES, ClassScheme
 from geo.errors import DataError
 from geo.export import style_path, write_polygons
-from geo.labels import LabelledPixels, read_labels
+from geo.labels import LabelledPixels, labels_crs, read_labels
 from geo.progress import phase, progress_bar
 from geo.readers import finite_pixels, has_data, read_valid, read_window, scene_scaling
 from geo.stac import item_path, write_map_item
+from geo.suggest import LeastConfident, Suggestions, pick_suggestions, write_suggestions
 from geo.windows import SceneMap, predict_scene
 from models.checkpoint import TRAIN_STATE, LoadedRun, RunConfig, load_checkpoint, load_run, save_run
 from models.device import pick_device
@@ -98,6 +99,22 @@ class MapConfig:
 
 
 @dataclass(frozen=True)
+class SuggestConfig:
+    """`count` points where one more label would help most, written to `out` (`geo.suggest`)."""
+
+    count: int
+    out: Path
+    spacing: float = 32
+    """Pixels between suggestions, and between a suggestion and any existing label."""
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"--suggest must be at least 1, got {self.count}")
+        if self.spacing < 0:
+            raise ValueError(f"--suggest-spacing must be >= 0 pixels, got {self.spacing}")
+
+
+@dataclass(frozen=True)
 class MapResult:
     scene_map: SceneMap
     classes: tuple[str, ...]
@@ -114,6 +131,8 @@ class MapResult:
     report: MapReport | None = None
     item: Path | None = None
     """The map's STAC Item (`MAP.stac.json`, geo/stac.py), listing the files written with it."""
+    suggestions: Suggestions | None = None
+    """Where one more label would help most (`adapt --suggest`), written to `SuggestConfig.out`."""
 
 
 def adapt(
@@ -127,6 +146,7 @@ def adapt(
     confidence: Path | None = None,
     vector: Path | None = None,
     save_adapted: Path | None = None,
+    suggest: SuggestConfig | None = None,
     config: MapConfig = MapConfig(),
     progress: bool = True,
 ) -> MapResult:
@@ -134,13 +154,20 @@ def adapt(
     classifier joins them unless `config.pixel` is False) to the labels
     of `image`, cross-validate them on spatially blocked folds of the labels, map the scene with
     the best (or the first) and write the map, its report and the optional outputs; `progress`
-    shows the cross-validation and the map's progress (stderr).
+    shows the cross-validation and the map's progress (stderr). `suggest` writes the points where
+    the map is least confident, spread apart and away from the labels, in the labels' CRS.
 
     The adapted model is saved (with `save_adapted`) only once the map is written.
     """
     sources = _unique_sources([model_dir, *compare, *([PIXEL] if config.pixel else [])])
     _check_outputs(
-        {"--out": out, "--probabilities": probabilities, "--confidence": confidence, "--vector": vector},
+        {
+            "--out": out,
+            "--probabilities": probabilities,
+            "--confidence": confidence,
+            "--vector": vector,
+            "--suggest-out": suggest.out if suggest else None,
+        },
         {
             "--model": model_dir,
             "--image": image,
@@ -188,7 +215,8 @@ def adapt(
     everything = np.ones(len(scene), dtype=bool)
     phase(f"adapt: fitting {chosen.name} on all {len(scene)} labelled pixels", enabled=progress)
     predictor = chosen.fit(scene.support(everything, context=chosen.fits_on_context))
-    with output_group():  # the map, its style, probabilities, polygons and reports appear together
+    cells = LeastConfident(pixels.grid, max(1, int(suggest.spacing // 2))) if suggest else None
+    with output_group():  # the map, its style, probabilities, polygons, reports and suggestions appear together
         result = _map(
             predictor,
             image,
@@ -201,8 +229,20 @@ def adapt(
             config,
             stride,
             bands,
+            least_confident=cells,
             progress=progress,
         )
+        suggestions = None
+        if suggest is not None and cells is not None:
+            suggestions = pick_suggestions(cells, pixels.rows, pixels.cols, suggest.count, suggest.spacing)
+            write_suggestions(
+                suggest.out,
+                suggestions,
+                pixels.grid,
+                scheme,
+                class_column=config.class_column,
+                crs=labels_crs(labels),
+            )
         report = None
         if validation is not None:
             report = write_map_report(
@@ -250,6 +290,7 @@ def adapt(
         chosen=chosen.name,
         report=report,
         item=item,
+        suggestions=suggestions,
     )
 
 
@@ -494,6 +535,7 @@ def _map(
     stride: int,
     bands: Sequence[int],
     *,
+    least_confident: LeastConfident | None = None,
     progress: bool,
 ) -> MapResult:
     window, overlap = _scene_window(image, config, stride)
@@ -530,6 +572,7 @@ def _map(
                     bands=bands,
                     probabilities_path=probabilities,
                     confidence_path=confidence,
+                    least_confident=least_confident,
                     progress=mapped,
                 )
             if vector is not None:

@@ -572,14 +572,37 @@ def adapt(
     confidence: Path | None = ConfidenceOption,
     vector: Path | None = typer.Option(None, "--vector", help="Also write the map as polygons (GeoPackage)."),
     save_adapted: Path | None = typer.Option(None, "--save-adapted", help="Save the adapted model here."),
+    suggest: int | None = typer.Option(
+        None,
+        "--suggest",
+        help="Also suggest this many points where one more label would help most: where the map is least "
+        "confident, spread apart and away from the labels (needs --suggest-out).",
+    ),
+    suggest_out: Path | None = typer.Option(
+        None,
+        "--suggest-out",
+        help="GeoPackage for the suggested points, in the labels' CRS, with an empty class column to fill in.",
+    ),
+    suggest_spacing: float = typer.Option(
+        32, "--suggest-spacing", min=0, help="Least pixels between suggestions, and from any label."
+    ),
     device: Device = DeviceOption,
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Adapt to a new scene from a few labelled pixels, check every candidate on the labels, map the scene."""
-    from pipeline.adapt import MapConfig
+    from pipeline.adapt import MapConfig, SuggestConfig
     from pipeline.adapt import adapt as run_adapt
 
     _check_device(device.value)
+    if (suggest is None) != (suggest_out is None):
+        given, missing = ("--suggest", "--suggest-out") if suggest_out is None else ("--suggest-out", "--suggest")
+        raise typer.BadParameter(f"{given} needs {missing}", param_hint=given)
+    try:
+        suggestions = (
+            None if suggest is None or suggest_out is None else SuggestConfig(suggest, suggest_out, suggest_spacing)
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--suggest") from None
     config = MapConfig(
         steps=steps,
         class_column=class_column,
@@ -601,6 +624,7 @@ def adapt(
         confidence=confidence,
         vector=vector,
         save_adapted=save_adapted,
+        suggest=suggestions,
         config=config,
     )
     typer.echo(f"adapted on {result.labelled_pixels} labelled pixels in {result.support_windows} windows")
@@ -610,6 +634,15 @@ def adapt(
         typer.echo(f"note: {result.conflicting_labels} pixels labelled with two classes were ignored", err=True)
     _print_check(result)
     _print_map(result, out)
+    if result.suggestions is not None and suggest_out is not None:
+        found = result.suggestions
+        typer.echo(f"suggested {len(found)} points to label next: {suggest_out}")
+        if len(found) < found.asked:
+            typer.echo(
+                f"note: only {len(found)} of the {found.asked} suggestions fit {suggest_spacing:g} px apart "
+                "(and from the labels) on the scene's data; a smaller --suggest-spacing fits more",
+                err=True,
+            )
 
 
 def _print_check(result) -> None:
