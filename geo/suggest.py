@@ -108,8 +108,15 @@ def pick_suggestions(
         score = np.where(cells.count >= cells.cell**2 / 2, cells.total / np.maximum(cells.count, 1), np.inf)
     else:
         score = cells.confidence
+    if os.environ.get("SUGGEST_MODE") == "balanced":
+        score = np.where(cells.count >= cells.cell**2 / 2, cells.total / np.maximum(cells.count, 1), np.inf)
     order = np.argsort(score, axis=None, kind="stable")
     order = order[np.isfinite(score.reshape(-1)[order])]
+    if os.environ.get("SUGGEST_MODE") == "balanced":  # round-robin over the predicted classes
+        by_class = [order[cells.classes.reshape(-1)[order] == c] for c in np.unique(cells.classes.reshape(-1)[order])]
+        by_class.sort(key=lambda members: float(score.reshape(-1)[members[0]]))
+        longest = max(len(members) for members in by_class)
+        order = np.array([m[i] for i in range(longest) for m in by_class if i < len(m)], dtype=np.int64)
     taken_rows = list(np.asarray(labelled_rows, np.float64))
     taken_cols = list(np.asarray(labelled_cols, np.float64))
     picked: list[int] = []
