@@ -27,12 +27,11 @@ import pandas as pd
 import rasterio
 
 from geo.classes import DFC10, IGNORE_INDEX
-from geo.sample_data import write_scene
+from geo.sample_data import SceneFiles, write_scene
 from pipeline.adapt import MapConfig, SuggestConfig, adapt
 from pipeline.candidates import PIXEL
 
-import os
-SPACING = float(os.environ.get("SUGGEST_SPACING", "32"))
+SPACING = 32.0
 ARMS = ("suggested", "random")
 
 
@@ -70,64 +69,80 @@ def random_points(truth_path: Path, labels: gpd.GeoDataFrame, count: int, rng: n
     return gpd.GeoDataFrame(geometry=points.to_crs(labels.crs), crs=labels.crs)
 
 
-def loop(seed: int, difficulty: str, rounds: int, points: int, work: Path) -> dict[str, list[float]]:
-    """Accuracy of each arm after 0..rounds rounds on one scene."""
+def run_arm(
+    scene: SceneFiles, start: gpd.GeoDataFrame, rounds: int, points: int, rng: np.random.Generator | None, work: Path
+) -> list[float]:
+    """True accuracy after 0..rounds rounds of labelling: the suggested points (`rng` None), or
+    random ones drawn with `rng`."""
+    config = MapConfig(check=False, device="cpu", seed=0)
+    labels, accuracies = start, []
+    for number in range(rounds + 1):
+        folder = work / str(number)
+        folder.mkdir(parents=True)
+        labels_path = folder / "labels.gpkg"
+        labels.to_file(labels_path, layer="labels", driver="GPKG", engine="pyogrio")
+        suggest = SuggestConfig(points, folder / "next.gpkg", SPACING) if rng is None else None
+        adapt(PIXEL, scene.image, labels_path, folder / "map.tif", suggest=suggest, config=config, progress=False)
+        accuracies.append(true_accuracy(folder / "map.tif", scene.truth))
+        if number == rounds:
+            break
+        new = gpd.read_file(folder / "next.gpkg") if rng is None else random_points(scene.truth, labels, points, rng)
+        labels = gpd.GeoDataFrame(
+            pd.concat([labels, labelled_at(new, scene.truth).to_crs(labels.crs)], ignore_index=True), crs=labels.crs
+        )
+    return accuracies
+
+
+def loop(seed: int, difficulty: str, rounds: int, points: int, draws: int, work: Path) -> dict[str, list[float]]:
+    """Accuracy after 0..rounds rounds on one scene: suggested points, and random points (the mean
+    over `draws` independent draws: one draw of 5 points is too noisy to compare with)."""
     scene = write_scene(work / "scene", seed=seed, points_per_class=2, difficulty=difficulty)
-    config = MapConfig(check=False, device="cpu", seed=seed)
     start = gpd.read_file(scene.labels)[["class", "geometry"]]
-    found: dict[str, list[float]] = {}
-    for arm in ARMS:
-        labels, rng = start, np.random.default_rng(seed)
-        accuracies = []
-        for number in range(rounds + 1):
-            folder = work / arm / str(number)
-            folder.mkdir(parents=True)
-            labels_path = folder / "labels.gpkg"
-            labels.to_file(labels_path, layer="labels", driver="GPKG", engine="pyogrio")
-            suggest = SuggestConfig(points, folder / "next.gpkg", SPACING) if arm == "suggested" else None
-            adapt(PIXEL, scene.image, labels_path, folder / "map.tif", suggest=suggest, config=config, progress=False)
-            accuracies.append(true_accuracy(folder / "map.tif", scene.truth))
-            if number == rounds:
-                break
-            new = (
-                gpd.read_file(folder / "next.gpkg")
-                if arm == "suggested"
-                else random_points(scene.truth, labels, points, rng)
-            )
-            labels = gpd.GeoDataFrame(
-                pd.concat([labels, labelled_at(new, scene.truth).to_crs(labels.crs)], ignore_index=True),
-                crs=labels.crs,
-            )
-        found[arm] = accuracies
-    return found
+    suggested = run_arm(scene, start, rounds, points, None, work / "suggested")
+    randoms = [
+        run_arm(scene, start, rounds, points, np.random.default_rng([seed, draw]), work / f"random-{draw}")
+        for draw in range(draws)
+    ]
+    return {"suggested": suggested, "random": np.mean(randoms, axis=0).tolist()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103, 104, 105, 106])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(101, 121)))
     parser.add_argument("--difficulty", default="hard", choices=("default", "hard"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--points", type=int, default=5, help="points labelled per round")
+    parser.add_argument("--draws", type=int, default=5, help="random draws per scene, averaged")
     args = parser.parse_args(argv)
     results = {}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as folder:
-            results[seed] = loop(seed, args.difficulty, args.rounds, args.points, Path(folder))
+            results[seed] = loop(seed, args.difficulty, args.rounds, args.points, args.draws, Path(folder))
         print(f"seed {seed}: " + "; ".join(f"{arm} {np.round(v, 3).tolist()}" for arm, v in results[seed].items()))
     print(
-        f"\n{args.difficulty} scenes, seeds {' '.join(map(str, args.seeds))}: 2 labels per class to start, "
-        f"{args.points} points a round, `adapt --model pixel`; true accuracy (mean over seeds)\n"
+        f"\n{args.difficulty} scenes, seeds {args.seeds[0]}-{args.seeds[-1]} ({len(args.seeds)}): 2 labels per class "
+        f"to start, {args.points} points a round, `adapt --model pixel`; true accuracy, mean over the scenes "
+        f"(random: the mean of {args.draws} draws per scene)\n"
     )
     print("| labels | " + " | ".join(f"after round {r}" if r else "start" for r in range(args.rounds + 1)) + " |")
     print("|---|" + "---|" * (args.rounds + 1))
     for arm in ARMS:
         means = np.mean([results[seed][arm] for seed in args.seeds], axis=0)
         print(f"| {arm} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
-    wins = sum(results[seed]["suggested"][-1] > results[seed]["random"][-1] for seed in args.seeds)
-    print(f"\nsuggested beat random after the last round on {wins} of {len(args.seeds)} seeds")
-    print("\n| seed | suggested | random |\n|---|---|---|")
-    for seed in args.seeds:
-        print(f"| {seed} | {results[seed]['suggested'][-1]:.3f} | {results[seed]['random'][-1]:.3f} |")
+    gains = np.array([results[seed]["suggested"][-1] - results[seed]["random"][-1] for seed in args.seeds])
+    low, high = bootstrap_interval(gains)
+    print(
+        f"\nafter the last round, suggested minus random: {gains.mean():+.3f} "
+        f"(95% bootstrap interval over scenes {low:+.3f} to {high:+.3f}); "
+        f"suggested ahead on {int((gains > 0).sum())} of {len(gains)} scenes"
+    )
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = 10_000) -> tuple[float, float]:
+    """The 95% percentile bootstrap interval of the mean of `values` (fixed seed: the same figures)."""
+    rng = np.random.default_rng(0)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ from geo.errors import DataError
 from geo.sources import get_source
 from pipeline.config import (
     adapt_settings,
+    beside,
     evaluate_settings,
     load_config,
     regions_settings,
+    suggest_settings,
     train_settings,
 )
 
@@ -92,12 +94,22 @@ def adapt_predict_flow(
     adapted: Path,
     settings: dict[str, Any],
     scenes: dict[Path, Path] | None = None,
+    extras: tuple[str, ...] = (),
+    suggest: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Adapt a trained model to a new region from its labelled pixels and map that scene to
-    `out`; then map each of `scenes` (scene -> its map) with the adapted model, one task each."""
-    model = steps.adapt(model, image, labels, out, adapted, settings)
+    `out`; then map each of `scenes` (scene -> its map) with the adapted model, one task each.
+    `extras` (of `MAP_EXTRAS`) are written beside every map; `suggest` (`SuggestConfig`'s
+    settings) writes the points to label next on the adapted scene."""
+    model = steps.adapt(model, image, labels, out, adapted, settings, beside(out, extras), suggest)
     scenes = scenes or {}
-    maps = steps.predict.map(unmapped(model), list(scenes), list(scenes.values()), unmapped(settings))
+    maps = steps.predict.map(
+        unmapped(model),
+        list(scenes),
+        list(scenes.values()),
+        unmapped(settings),
+        [beside(map_path, extras) for map_path in scenes.values()],
+    )
     return [out, *maps.result()]
 
 
@@ -165,6 +177,8 @@ def end_to_end(
             paths.adapted_model,
             adapt_settings(settings),
             {scene: paths.prediction(scene) for scene in adapt.scenes},
+            adapt.extras,
+            suggest_settings(settings),
         )
     return outputs
 

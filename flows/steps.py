@@ -118,22 +118,52 @@ def evaluate(index: Path, runs: dict[str, Path], out_dir: Path, settings: dict[s
     return evaluate(index, list(runs.values()), out_dir, evaluate_config(settings)).files
 
 
-@task(name="adapt", cache_policy=cache_on(writes=("out", "adapted")), **PERSIST, **IO_RETRIES)
-def adapt(model: Path, image: Path, labels: Path, out: Path, adapted: Path, settings: dict[str, Any]) -> Path:
-    """Map the new scene to `out` (with its style, report and STAC Item `MAP.stac.json`); return
-    the adapted model, saved to `adapted` for `predict`."""
-    from pipeline.adapt import adapt
+@task(name="adapt", cache_policy=cache_on(writes=("out", "adapted", "extras", "suggest")), **PERSIST, **IO_RETRIES)
+def adapt(
+    model: Path,
+    image: Path,
+    labels: Path,
+    out: Path,
+    adapted: Path,
+    settings: dict[str, Any],
+    extras: dict[str, Path],
+    suggest: dict[str, Any] | None,
+) -> Path:
+    """Map the new scene to `out` (with its style, report and STAC Item `MAP.stac.json`), the
+    `extras` beside it (kind -> file: `pipeline.config.beside`) and, with `suggest`, the points to
+    label next; return the adapted model, saved to `adapted` for `predict`."""
+    from pipeline.adapt import SuggestConfig, adapt
 
-    adapt(model, image, labels, out, save_adapted=adapted, config=map_config(settings))
+    adapt(
+        model,
+        image,
+        labels,
+        out,
+        save_adapted=adapted,
+        probabilities=extras.get("probabilities"),
+        confidence=extras.get("confidence"),
+        vector=extras.get("vector"),
+        suggest=SuggestConfig(**suggest) if suggest is not None else None,
+        config=map_config(settings),
+    )
     return adapted
 
 
-@task(name="predict", cache_policy=cache_on(writes=("out",)), **PERSIST, **IO_RETRIES)
-def predict(model: Path, image: Path, out: Path, settings: dict[str, Any]) -> Path:
-    """Map `image` to `out` (`MAP.tif`, with its style and STAC Item `MAP.stac.json`)."""
+@task(name="predict", cache_policy=cache_on(writes=("out", "extras")), **PERSIST, **IO_RETRIES)
+def predict(model: Path, image: Path, out: Path, settings: dict[str, Any], extras: dict[str, Path]) -> Path:
+    """Map `image` to `out` (`MAP.tif`, with its style and STAC Item `MAP.stac.json`) and the
+    `extras` beside it."""
     from pipeline.adapt import predict_map
 
-    predict_map(model, image, out, config=map_config(settings))
+    predict_map(
+        model,
+        image,
+        out,
+        probabilities=extras.get("probabilities"),
+        confidence=extras.get("confidence"),
+        vector=extras.get("vector"),
+        config=map_config(settings),
+    )
     return out
 
 

@@ -80,6 +80,7 @@ ASSET_KINDS: dict[str, AssetKind] = {
     "confidence": AssetKind(pystac.MediaType.COG, ("data", "quality"), "Confidence of each pixel's class"),
     "confidence-style": AssetKind(pystac.MediaType.XML, ("style", "metadata"), "QGIS style of the confidence (a ramp)"),
     "polygons": AssetKind(pystac.MediaType.GEOPACKAGE, ("data",), "Class polygons"),
+    "suggestions": AssetKind(pystac.MediaType.GEOPACKAGE, ("metadata",), "Points to label next (a class to fill in)"),
     "report": AssetKind(pystac.MediaType.JSON, ("metadata",), "Estimated accuracy of the map (JSON)"),
     "report-markdown": AssetKind("text/markdown", ("metadata",), "Estimated accuracy of the map"),
 }

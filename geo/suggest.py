@@ -1,14 +1,24 @@
-"""Where one more label would help a map most: its least confident places, spread apart.
+"""Where one more label would help a map most: its least confident places, every class's, spread apart.
 
 A user labelling a new region in rounds labels where the map is most likely wrong. The map's
 confidence (the probability of the class it shows, `geo.windows`) is lowest there. A scene of
-any size is summarised while it is mapped, strip by strip, into cells of `spacing / 2` pixels:
-each cell keeps its least confident pixel (`LeastConfident`). Suggestions are then the least
-confident cells' pixels, taken greedily, each at least `spacing` pixels from every suggestion
-before it and from every existing label (`pick_suggestions`). Nodata has no confidence and is
-never suggested. The points go to a GeoPackage layer in the labels' CRS with the predicted class,
-the confidence and an empty class column named like the user's, for the user to fill in QGIS and
-merge into their labels (`write_suggestions`).
+any size is summarised while it is mapped, strip by strip, into cells of `spacing / 2` pixels
+(`ConfidenceCells`): each cell keeps its mean confidence, and its least confident pixel with the
+class shown there. Suggestions (`pick_suggestions`) are the least confident pixels of the cells
+with the lowest mean confidence, taken in turn from each predicted class, each at least `spacing`
+pixels from every suggestion before it and from every existing label; nodata has no confidence
+and is never suggested.
+
+Why cells and classes, not just the least confident pixels: a single pixel's confidence is lowest
+on the edges between classes, where a label teaches a classifier little (it is a mixed pixel);
+a cell's mean is low where the map is unsure over an area. And the least confident cells of a
+map made from a handful of labels tend to share one confused pair of classes; taking them class
+by class spreads the next labels over every class the map shows. `benchmarks/labelling_loop.py`
+measured both rules against random points (`BENCHMARKS.md`).
+
+The points go to a GeoPackage layer in the labels' CRS with the predicted class, the confidence
+and an empty class column named like the user's, for the user to fill in QGIS and merge into
+their labels (`write_suggestions`).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 from pyproj import CRS
+from scipy.spatial import cKDTree
 from shapely.geometry import Point
 
 from geo.atomic import atomic_output
@@ -28,68 +39,87 @@ from geo.export import Grid
 
 SUGGESTION_LAYER = "suggestions"
 
+MIN_DATA_SHARE = 0.5
+"""A cell is ranked only when at least this share of its pixels has data: a cell on the scene's
+edge or beside nodata would otherwise rank by a few pixels."""
 
-class LeastConfident:
-    """The least confident pixel of each `cell` x `cell` block of a scene, filled strip by strip."""
+MAX_CELLS = 1 << 22
+"""Cells are made larger than `spacing / 2` where a scene would need more (37 bytes each)."""
+
+
+class ConfidenceCells:
+    """Per `cell` x `cell` block of a scene: the mean confidence over its pixels with data, and its
+    least confident pixel with the class shown there; filled strip by strip (`add`)."""
 
     def __init__(self, grid: Grid, cell: int) -> None:
         if cell < 1:
             raise ValueError(f"cell must be at least 1 pixel, got {cell}")
         self.cell = cell
         shape = (math.ceil(grid.height / cell), math.ceil(grid.width / cell))
-        self.confidence = np.full(shape, np.inf, np.float32)
+        self.lowest = np.full(shape, np.inf, np.float32)
         self.rows = np.zeros(shape, np.int64)
         self.cols = np.zeros(shape, np.int64)
         self.classes = np.full(shape, IGNORE_INDEX, np.uint8)
         self.total = np.zeros(shape, np.float64)
         self.count = np.zeros(shape, np.int64)
 
+    @classmethod
+    def for_spacing(cls, grid: Grid, spacing: float) -> ConfidenceCells:
+        return cls(grid, cell_size(grid, spacing))
+
     def add(self, top: int, confidence: np.ndarray, classes: np.ndarray) -> None:
-        """Scene rows `[top, top + h)`: confidence (h, W) float32 (NaN on nodata) and class ids."""
+        """Scene rows `[top, top + h)`: confidence (h, W) float32 (NaN on nodata) and class ids (h, W)."""
         height, width = confidence.shape
-        padded_width = self.confidence.shape[1] * self.cell
-        import os
-        from scipy import ndimage
-        radius = int(os.environ.get("SUGGEST_EDGE", "0"))
-        if radius:
-            size = 2 * radius + 1
-            edge = ndimage.maximum_filter(classes, size=size) != ndimage.minimum_filter(classes, size=size)
-            confidence = np.where(edge, np.nan, confidence)
+        padded_width = self.lowest.shape[1] * self.cell
         known = np.where(np.isnan(confidence), np.inf, confidence)
         known = np.pad(known, ((0, 0), (0, padded_width - width)), constant_values=np.inf)
         for cell_row in range(top // self.cell, (top + height - 1) // self.cell + 1):
             first = max(cell_row * self.cell, top) - top
             last = min((cell_row + 1) * self.cell, top + height) - top
-            block = (
+            blocks = (  # one row per cell of this cell row, its pixels in the strip
                 known[first:last]
                 .reshape(last - first, -1, self.cell)
                 .transpose(1, 0, 2)
                 .reshape(-1, (last - first) * self.cell)
             )
-            where = block.argmin(axis=1)
-            lowest = block[np.arange(len(block)), where]
-            data = np.isfinite(block)
-            self.total[cell_row] += np.where(data, block, 0).sum(axis=1)
+            data = np.isfinite(blocks)
+            self.total[cell_row] += np.where(data, blocks, 0).sum(axis=1)
             self.count[cell_row] += data.sum(axis=1)
-            better = lowest < self.confidence[cell_row]
+            where = blocks.argmin(axis=1)
+            lowest = blocks[np.arange(len(blocks)), where]
+            better = lowest < self.lowest[cell_row]
             if not better.any():
                 continue
             rows = top + first + where // self.cell
-            cols = np.arange(len(block)) * self.cell + where % self.cell
-            self.confidence[cell_row, better] = lowest[better]
+            cols = np.arange(len(blocks)) * self.cell + where % self.cell
+            self.lowest[cell_row, better] = lowest[better]
             self.rows[cell_row, better] = rows[better]
             self.cols[cell_row, better] = cols[better]
             self.classes[cell_row, better] = classes[rows[better] - top, cols[better]]
 
+    def mean(self) -> np.ndarray:
+        """Mean confidence per cell; inf where less than `MIN_DATA_SHARE` of the cell has data."""
+        ranked = self.count >= MIN_DATA_SHARE * self.cell**2
+        return np.where(ranked, self.total / np.maximum(self.count, 1), np.inf)
+
+
+def cell_size(grid: Grid, spacing: float) -> int:
+    """Cells of `spacing / 2` pixels (so that two cells' pixels can be `spacing` apart), at least
+    1, and large enough that the scene has no more than `MAX_CELLS` of them."""
+    fits = math.ceil(math.sqrt(grid.height * grid.width / MAX_CELLS))
+    return max(1, int(spacing // 2), fits)
+
 
 @dataclass(frozen=True)
 class Suggestions:
-    """Suggested pixels, least confident first, and how many were asked for."""
+    """Suggested pixels in the order they were picked, and how many were asked for."""
 
     rows: np.ndarray
     cols: np.ndarray
     confidence: np.ndarray
+    """The confidence of the map at each pixel."""
     class_ids: np.ndarray
+    """The class the map shows at each pixel."""
     asked: int
 
     def __len__(self) -> int:
@@ -97,48 +127,47 @@ class Suggestions:
 
 
 def pick_suggestions(
-    cells: LeastConfident, labelled_rows: np.ndarray, labelled_cols: np.ndarray, count: int, spacing: float
+    cells: ConfidenceCells, labelled_rows: np.ndarray, labelled_cols: np.ndarray, count: int, spacing: float
 ) -> Suggestions:
-    """Up to `count` of the least confident cells' pixels, each at least `spacing` pixels from
-    the others and from every labelled pixel; fewer when no more fit."""
+    """Up to `count` pixels: the cells of lowest mean confidence, taken in turns, each turn one
+    from each predicted class (the class with the least confident cell first), each pixel at least
+    `spacing` pixels from the others and from every labelled pixel; fewer when no more fit."""
     if count < 1:
         raise ValueError(f"the number of suggestions must be at least 1, got {count}")
-    import os
-    if os.environ.get("SUGGEST_MODE") == "mean":
-        score = np.where(cells.count >= cells.cell**2 / 2, cells.total / np.maximum(cells.count, 1), np.inf)
-    else:
-        score = cells.confidence
-    if os.environ.get("SUGGEST_MODE") == "balanced":
-        score = np.where(cells.count >= cells.cell**2 / 2, cells.total / np.maximum(cells.count, 1), np.inf)
-    order = np.argsort(score, axis=None, kind="stable")
-    order = order[np.isfinite(score.reshape(-1)[order])]
-    if os.environ.get("SUGGEST_MODE") == "balanced":  # round-robin over the predicted classes
-        by_class = [order[cells.classes.reshape(-1)[order] == c] for c in np.unique(cells.classes.reshape(-1)[order])]
-        by_class.sort(key=lambda members: float(score.reshape(-1)[members[0]]))
-        longest = max(len(members) for members in by_class)
-        order = np.array([m[i] for i in range(longest) for m in by_class if i < len(m)], dtype=np.int64)
-    taken_rows = list(np.asarray(labelled_rows, np.float64))
-    taken_cols = list(np.asarray(labelled_cols, np.float64))
+    mean = cells.mean().reshape(-1)
+    rows, cols, classes = cells.rows.reshape(-1), cells.cols.reshape(-1), cells.classes.reshape(-1)
+    ranked = np.argsort(mean, kind="stable")
+    ranked = ranked[np.isfinite(mean[ranked])]
+    if len(labelled_rows) and len(ranked):  # drop the cells too near a label, all at once
+        nearest, _ = cKDTree(np.column_stack([labelled_rows, labelled_cols])).query(
+            np.column_stack([rows[ranked], cols[ranked]])
+        )
+        ranked = ranked[nearest >= spacing]
+    _, first = np.unique(classes[ranked], return_index=True)
+    queues = [iter(ranked[classes[ranked] == classes[ranked[at]]].tolist()) for at in sorted(first)]
     picked: list[int] = []
-    rows, cols = cells.rows.reshape(-1), cells.cols.reshape(-1)
-    for flat in order.tolist():
-        if taken_rows:
-            distance = np.hypot(np.asarray(taken_rows) - rows[flat], np.asarray(taken_cols) - cols[flat])
-            if distance.min() < spacing:
+    while queues and len(picked) < count:  # a turn: each class its next cell that fits, the least confident first
+        for queue in list(queues):
+            candidate = next((c for c in queue if _fits(c, picked, rows, cols, spacing)), None)
+            if candidate is None:
+                queues.remove(queue)
                 continue
-        picked.append(flat)
-        taken_rows.append(float(rows[flat]))
-        taken_cols.append(float(cols[flat]))
-        if len(picked) == count:
-            break
+            picked.append(candidate)
+            if len(picked) == count:
+                break
     chosen = np.asarray(picked, np.int64)
     return Suggestions(
         rows=rows[chosen],
         cols=cols[chosen],
-        confidence=cells.confidence.reshape(-1)[chosen],
-        class_ids=cells.classes.reshape(-1)[chosen],
+        confidence=cells.lowest.reshape(-1)[chosen],
+        class_ids=classes[chosen],
         asked=count,
     )
+
+
+def _fits(candidate: int, picked: list[int], rows: np.ndarray, cols: np.ndarray, spacing: float) -> bool:
+    """Whether a cell's pixel is at least `spacing` pixels from every picked one."""
+    return not picked or bool(np.hypot(rows[picked] - rows[candidate], cols[picked] - cols[candidate]).min() >= spacing)
 
 
 def write_suggestions(

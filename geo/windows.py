@@ -59,7 +59,7 @@ from geo.export import (
     style_path,
 )
 from geo.readers import read_valid, scene_scaling
-from geo.suggest import LeastConfident
+from geo.suggest import ConfidenceCells
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 """(B, C, h, w) float32 scaled pixels -> (B, K, h, w) float32 class probabilities (each pixel's sum
@@ -145,13 +145,13 @@ def predict_scene(
     bands: Sequence[int] | None = None,
     probabilities_path: str | Path | None = None,
     confidence_path: str | Path | None = None,
-    least_confident: LeastConfident | None = None,
+    confidence_cells: ConfidenceCells | None = None,
     progress: Callable[[int, int], None] | None = None,
     pipelined: bool = True,
 ) -> SceneMap:
     """Map a scene: a class-map COG (+ QGIS style), and optionally a probability COG and a
     confidence COG (the shown class's probability, + a ramp style), on its grid;
-    `least_confident` (`geo.suggest`) collects where that confidence is lowest.
+    `confidence_cells` (`geo.suggest`) summarises that confidence for `adapt --suggest`.
 
     `bands` are 1-based band indexes fed to the model, in that order (default: all); `scale` turns
     the raw pixels (C, window, window) of those bands in one window into model input (default:
@@ -197,7 +197,7 @@ def predict_scene(
                     stitcher.add(item.lefts, item.probabilities)
                     return None
                 with stitcher.finish(item) as strip:
-                    _write_strip(strip, classes_dst, probabilities_dst, confidence_dst, least_confident)
+                    _write_strip(strip, classes_dst, probabilities_dst, confidence_dst, confidence_cells)
                 _release_freed_memory()
                 return _Written(item.top + item.rows, int(item.valid.sum()))
 
@@ -243,11 +243,11 @@ def _write_strip(
     classes_dst: DatasetWriter,
     probabilities_dst: DatasetWriter | None,
     confidence_dst: DatasetWriter | None,
-    least_confident: LeastConfident | None,
+    confidence_cells: ConfidenceCells | None,
 ) -> None:
     """Class ids (argmax, 255 on nodata), probabilities and confidence (the shown class's
     probability; NaN on nodata) of finished rows, each raster in one call for all its bands; the
-    confidence also goes to `least_confident`."""
+    confidence also goes to `confidence_cells`."""
     height, width = strip.valid.shape
     rows = Window(0, strip.row, width, height)
     nodata = ~strip.valid
@@ -255,13 +255,13 @@ def _write_strip(
     for top in range(0, height, ARGMAX_ROWS):  # argmax's int64 ids a few rows at a time
         classes[top : top + ARGMAX_ROWS] = strip.probabilities[:, top : top + ARGMAX_ROWS].argmax(axis=0)
     classes[nodata] = IGNORE_INDEX
-    if confidence_dst is not None or least_confident is not None:
+    if confidence_dst is not None or confidence_cells is not None:
         confidence = strip.probabilities.max(axis=0)
         confidence[nodata] = np.nan
         if confidence_dst is not None:
             confidence_dst.write(confidence, 1, window=rows)
-        if least_confident is not None:
-            least_confident.add(strip.row, confidence, classes)
+        if confidence_cells is not None:
+            confidence_cells.add(strip.row, confidence, classes)
     classes_dst.write(classes, 1, window=rows)
     if probabilities_dst is not None:
         np.copyto(strip.probabilities, np.float32(np.nan), where=nodata)  # broadcast over the classes

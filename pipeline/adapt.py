@@ -41,7 +41,7 @@ from geo.labels import LabelledPixels, labels_crs, read_labels
 from geo.progress import phase, progress_bar
 from geo.readers import finite_pixels, has_data, read_valid, read_window, scene_scaling
 from geo.stac import item_path, write_map_item
-from geo.suggest import LeastConfident, Suggestions, pick_suggestions, write_suggestions
+from geo.suggest import ConfidenceCells, Suggestions, pick_suggestions, write_suggestions
 from geo.windows import SceneMap, predict_scene
 from models.checkpoint import TRAIN_STATE, LoadedRun, RunConfig, load_checkpoint, load_run, save_run
 from models.device import pick_device
@@ -215,7 +215,7 @@ def adapt(
     everything = np.ones(len(scene), dtype=bool)
     phase(f"adapt: fitting {chosen.name} on all {len(scene)} labelled pixels", enabled=progress)
     predictor = chosen.fit(scene.support(everything, context=chosen.fits_on_context))
-    cells = LeastConfident(pixels.grid, max(1, int(suggest.spacing // 2))) if suggest else None
+    cells = ConfidenceCells.for_spacing(pixels.grid, suggest.spacing) if suggest else None
     with output_group():  # the map, its style, probabilities, polygons, reports and suggestions appear together
         result = _map(
             predictor,
@@ -229,7 +229,7 @@ def adapt(
             config,
             stride,
             bands,
-            least_confident=cells,
+            confidence_cells=cells,
             progress=progress,
         )
         suggestions = None
@@ -266,6 +266,7 @@ def adapt(
             image,
             scheme,
             report,
+            suggest.out if suggest is not None else None,
             {
                 "method": chosen.name,
                 "model": getattr(chosen, "source", None),
@@ -467,6 +468,7 @@ def predict_map(
             image,
             scheme,
             None,
+            None,
             {
                 "method": run.config.settings.get("adapted_candidate", run.config.method),
                 "model": str(model_dir),
@@ -481,6 +483,7 @@ def _write_item(
     image: Path,
     scheme: ClassScheme,
     report: MapReport | None,
+    suggestions: Path | None,
     provenance: dict[str, object],
 ) -> Path:
     """The map's STAC Item, listing exactly the files this run writes with the map (so a map
@@ -493,6 +496,7 @@ def _write_item(
         "polygons": result.polygons,
         "report": report.json if report is not None else None,
         "report-markdown": report.markdown if report is not None else None,
+        "suggestions": suggestions,
     }
     return write_map_item(
         out,
@@ -535,7 +539,7 @@ def _map(
     stride: int,
     bands: Sequence[int],
     *,
-    least_confident: LeastConfident | None = None,
+    confidence_cells: ConfidenceCells | None = None,
     progress: bool,
 ) -> MapResult:
     window, overlap = _scene_window(image, config, stride)
@@ -572,7 +576,7 @@ def _map(
                     bands=bands,
                     probabilities_path=probabilities,
                     confidence_path=confidence,
-                    least_confident=least_confident,
+                    confidence_cells=confidence_cells,
                     progress=mapped,
                 )
             if vector is not None:

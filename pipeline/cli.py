@@ -638,9 +638,10 @@ def adapt(
         found = result.suggestions
         typer.echo(f"suggested {len(found)} points to label next: {suggest_out}")
         if len(found) < found.asked:
+            fitted = f"only {len(found)} of the {found.asked} suggestions fit" if found else "no suggestion fits"
             typer.echo(
-                f"note: only {len(found)} of the {found.asked} suggestions fit {suggest_spacing:g} px apart "
-                "(and from the labels) on the scene's data; a smaller --suggest-spacing fits more",
+                f"note: {fitted} {suggest_spacing:g} px apart (and from the labels) on the scene's data; "
+                "a smaller --suggest-spacing fits more",
                 err=True,
             )
 

@@ -29,12 +29,17 @@ before any step starts, with a `DataError` naming the file and the key:
       labels: null
       scenes: []                    # more scenes to map with the adapted model
       map: {class_column: class}    # pipeline.adapt.MapConfig: steps, lr, window, pick, check, folds, ...
+      probabilities: false          # true: MAP.probabilities.tif beside every map (a band per class)
+      confidence: false             # true: MAP.confidence.tif beside every map (+ its QGIS ramp style)
+      vector: false                 # true: MAP.gpkg beside every map (the classes as polygons)
+      suggest: null                 # N: adapt/suggestions.gpkg, N points to label next on the adapted scene
+      suggest_spacing: 32           # pixels between suggestions, and from any label
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
@@ -178,6 +183,17 @@ class EvaluationConfig(_Checked):
     episodes: int = Field(50, ge=1)
 
 
+MAP_EXTRAS = ("probabilities", "confidence", "vector")
+"""The optional files a map can have beside it, named as `adapt`'s options."""
+
+
+def beside(map_path: Path, extras: Sequence[str]) -> dict[str, Path]:
+    """The optional files (of `MAP_EXTRAS`) written beside a map, by kind: `MAP.probabilities.tif`,
+    `MAP.confidence.tif`, `MAP.gpkg`; the `adapt` and `predict_map` arguments of those names."""
+    names = {"probabilities": ".probabilities.tif", "confidence": ".confidence.tif", "vector": ".gpkg"}
+    return {kind: map_path.with_name(map_path.stem + names[kind]) for kind in extras}
+
+
 class AdaptConfig(_Checked):
     method: str | None = None
     """The trained run that adapts; None: the first of `methods`."""
@@ -186,14 +202,33 @@ class AdaptConfig(_Checked):
     scenes: tuple[ConfigPath, ...] = ()
     map: dict[str, Any] = {}
     """`pipeline.adapt.MapConfig` settings: class_column, steps, lr, window, overlap, ..."""
+    probabilities: bool = False
+    confidence: bool = False
+    vector: bool = False
+    suggest: Annotated[int, Field(ge=1)] | None = None
+    """Points to label next on the adapted scene (`adapt --suggest`); None: no suggestions."""
+    suggest_spacing: float = Field(32, ge=0)
 
-    @field_validator("scenes")
-    @classmethod
-    def _unique_names(cls, scenes: tuple[Path, ...]) -> tuple[Path, ...]:
-        stems = [scene.stem for scene in scenes]
-        if len(set(stems)) != len(stems):
-            raise ValueError("two scenes share a file name, so their maps would too")
-        return scenes
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """The kinds of `MAP_EXTRAS` written beside every map."""
+        return tuple(kind for kind in MAP_EXTRAS if getattr(self, kind))
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AdaptConfig:
+        """Every scene's map, and the files beside it, must have a name of its own."""
+        written = [
+            name
+            for scene in self.scenes
+            for name in [
+                f"{scene.stem}.tif",
+                *(path.name for path in beside(Path(scene.stem + ".tif"), self.extras).values()),
+            ]
+        ]
+        if len(set(written)) != len(written):
+            twice = sorted({name for name in written if written.count(name) > 1})
+            raise ValueError(f"two of scenes would write the same file, maps/{twice[0]}")
+        return self
 
 
 def _default_methods() -> dict[str, dict[str, Any]]:
@@ -295,6 +330,11 @@ class Layout:
         """The map of one of `adapt.scenes` (their file names are unique)."""
         return self.output / "maps" / f"{scene.stem}.tif"
 
+    @property
+    def suggestions(self) -> Path:
+        """The points to label next on the adapted scene (`adapt.suggest`)."""
+        return self.output / "adapt" / "suggestions.gpkg"
+
 
 def train_config(settings: Mapping[str, Any], where: str = "") -> TrainConfig:
     """`pipeline.train.TrainConfig` from plain settings (nested mappings become dataclasses)."""
@@ -347,6 +387,14 @@ def adapt_settings(config: FlowConfig) -> dict[str, Any]:
     """Keyword arguments of `pipeline.adapt.MapConfig`, for adapting and for mapping scenes."""
     assert config.adapt is not None
     return {"device": config.device, "seed": config.seeds[0], **config.adapt.map}
+
+
+def suggest_settings(config: FlowConfig) -> dict[str, Any] | None:
+    """Keyword arguments of `pipeline.adapt.SuggestConfig`, or None when no points are asked for."""
+    assert config.adapt is not None
+    if config.adapt.suggest is None:
+        return None
+    return {"count": config.adapt.suggest, "out": config.layout.suggestions, "spacing": config.adapt.suggest_spacing}
 
 
 def load_config(path: Path | None) -> FlowConfig:

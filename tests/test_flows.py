@@ -96,7 +96,7 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ("data: {root: nowhere}", "data.root: "),
         ("adapt: {image: scene.tif, labels: labels.gpkg}", "adapt.image: "),
         # unknown keys, in the file's own parts and in a step's settings, named with the keys known there
-        ("adapt: {mapp: {}}", "adapt: unknown key 'mapp'; known keys: method, image, labels, scenes, map"),
+        ("adapt: {mapp: {}}", "adapt: unknown key 'mapp'; known keys: method, image, labels, scenes, map, prob"),
         ("methods: {maml: {shape: {n_wy: 3}}}", "methods.maml.shape: unknown key 'n_wy'; known keys: n_way, k_shot"),
         ("adapt: {map: {foldz: 2}}", "adapt.map: unknown key 'foldz'; known keys: steps, lr, class_column"),
         # wrong types: the key and the type it takes
@@ -112,6 +112,14 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         # ranges, and every mistake of the file at once
         ("regions: {split: [0.5, 0.5]}", "regions.split: expected 3 or more items, got 2"),
         ("data: {sample: {size: 8}}", "data.sample.size: must be at least 16, got 8"),
+        ("adapt: {suggest: 0}", "adapt.suggest: must be at least 1, got 0"),
+        ("adapt: {suggest: 5, suggest_spacing: -1}", "adapt.suggest_spacing: must be at least 0, got -1"),
+        # the maps of two scenes, or the files beside them, would have one name
+        ("adapt: {scenes: [a/x.tif, b/x.tif]}", "adapt: two of scenes would write the same file, maps/x.tif"),
+        (
+            "adapt: {confidence: true, scenes: [a/x.tif, b/x.confidence.tif]}",
+            "adapt: two of scenes would write the same file, maps/x.confidence.tif",
+        ),
         ("data: {strict: maybe, grid: 0}", "data.strict: expected true or false, got 'maybe'; data.grid: must be at"),
     ],
 )

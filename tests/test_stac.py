@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
 import pystac
 import pytest
@@ -49,7 +50,15 @@ EXTENSIONS = {
 CLASS_NAME = re.compile(r"^[0-9A-Za-z_-]+$")
 """classification v2.0.0: a class's `name` is for machines; `title` is what a legend shows."""
 COLOR_HINT = re.compile(r"^[0-9A-F]{6}$")
-ALL_OPTIONAL = {"probabilities", "confidence", "confidence-style", "polygons", "report", "report-markdown"}
+ALL_OPTIONAL = {
+    "probabilities",
+    "confidence",
+    "confidence-style",
+    "polygons",
+    "report",
+    "report-markdown",
+    "suggestions",
+}
 EMPTY_ITEM: dict[str, Any] = {
     "type": "Feature",
     "stac_version": "1.1.0",
@@ -61,7 +70,7 @@ EMPTY_ITEM: dict[str, Any] = {
 }
 
 
-def invoke(*args: str | Path):
+def invoke(*args: str | Path | int):
     return runner.invoke(app, [str(arg) for arg in args])
 
 
@@ -90,7 +99,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Maps:
     folder: Path
     adapted: Path
-    """`adapt --model pixel` with probabilities, confidence and polygons (and so its reports)."""
+    """`adapt --model pixel` with probabilities, confidence, polygons and suggestions (and so its reports)."""
     predicted: Path
     """`predict` with the tiny run into a subfolder, no optional output."""
 
@@ -115,6 +124,10 @@ def maps(tiny_run: Path, scene_files: SceneFiles, tmp_path_factory: pytest.TempP
         folder / "confidence.tif",
         "--vector",
         folder / "map.gpkg",
+        "--suggest",
+        3,
+        "--suggest-out",
+        folder / "next.gpkg",
         "--device",
         "cpu",
     )
@@ -276,6 +289,7 @@ def test_optional_assets_are_listed_exactly_when_written(
         "polygons": "./map.gpkg",
         "report": "./map.report.json",
         "report-markdown": "./map.report.md",
+        "suggestions": "./next.gpkg",
     }
     assert set(read(item_path(maps.predicted))["assets"]) == {"map", "style"}
 
@@ -358,7 +372,9 @@ def test_a_bad_folder_is_one_error_line_naming_the_file_and_writes_nothing(case:
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_the_flows_adapt_and_predict_step_writes_the_items(tiny_run: Path, scene_files: SceneFiles, tmp_path: Path):
+def test_the_flows_adapt_and_predict_step_writes_the_items_confidence_and_suggestions(
+    tiny_run: Path, scene_files: SceneFiles, tmp_path: Path
+):
     from flows.flows import adapt_predict_flow
 
     out, other = tmp_path / "adapt" / "map.tif", tmp_path / "maps" / "scene.tif"
@@ -371,10 +387,17 @@ def test_the_flows_adapt_and_predict_step_writes_the_items(tiny_run: Path, scene
         tmp_path / "adapt" / "model",
         settings,
         {scene_files.image: other},
+        ("confidence",),
+        {"count": 3, "out": tmp_path / "adapt" / "suggestions.gpkg", "spacing": 16},
     )
     assert maps == [out, other]
     for map_path in maps:
         item = pystac.Item.from_file(str(item_path(map_path)))
         assert href(item.assets["map"]) == map_path
         assert "classification:classes" in item.assets["map"].extra_fields
+        assert href(item.assets["confidence"]) == map_path.with_name(f"{map_path.stem}.confidence.tif")
+        assert href(item.assets["confidence"]).exists() and "probabilities" not in item.assets
+    suggestions = pystac.Item.from_file(str(item_path(out))).assets["suggestions"]
+    assert href(suggestions) == tmp_path / "adapt" / "suggestions.gpkg"
+    assert len(gpd.read_file(href(suggestions))) == 3
     assert read(item_path(other))["properties"]["landcover:method"] == f"{tiny_run.name} fine-tuned"
