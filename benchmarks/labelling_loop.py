@@ -1,18 +1,21 @@
 """The labelling loop: labelling the points `adapt --suggest` gives against labelling random points.
 
     python -m benchmarks.labelling_loop [--seeds 101 102 ...] [--difficulty hard] [--rounds 3] [--points 5]
+                                        [--draws 5]
 
 Per seed, a generated new-region scene (`geo.sample_data.write_scene`, 512 px, its truth raster)
 starts with 2 labelled points per class. Then, in each of `--rounds` rounds, `adapt --model
 pixel` (the per-pixel classifier, as a user without a trained run has it) maps the scene, and
 `--points` more points are labelled, their class read from the truth raster:
 
-- suggested: the points `adapt --suggest` wrote (least confident, 32 px apart and from labels);
-- random: points drawn uniformly from the scene's data, under the same spacing rules.
+- suggested: the points `adapt --suggest` wrote (32 px apart and from the labels);
+- random: points drawn uniformly from the scene's data under the same spacing rules, in `--draws`
+  independent draws whose accuracies are averaged (one draw of 5 points is too noisy to compare).
 
 Both arms start from the same labels and map the same way. True accuracy is the map's agreement
-with the truth over every pixel with data. One Markdown table: the accuracy of each arm after each
-round (mean over seeds), and per seed after the last round.
+with the truth over every pixel with data. Printed: each scene's accuracies, a Markdown table of
+the mean over scenes after each round, and the mean gain of suggested over random after the last
+round with its 95% bootstrap interval over scenes.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from geo.labels import LabelledPixels, labels_crs, read_labels
 from geo.progress import phase, progress_bar
 from geo.readers import finite_pixels, has_data, read_valid, read_window, scene_scaling
 from geo.stac import item_path, write_map_item
-from geo.suggest import ConfidenceCells, Suggestions, pick_suggestions, write_suggestions
+from geo.suggest import ConfidenceCells, Suggestions, centre_values, pick_suggestions, write_suggestions
 from geo.windows import SceneMap, predict_scene
 from models.checkpoint import TRAIN_STATE, LoadedRun, RunConfig, load_checkpoint, load_run, save_run
 from models.device import pick_device
@@ -234,7 +234,8 @@ def adapt(
         )
         suggestions = None
         if suggest is not None and cells is not None:
-            suggestions = pick_suggestions(cells, pixels.rows, pixels.cols, suggest.count, suggest.spacing)
+            values = centre_values(image, bands, cells)
+            suggestions = pick_suggestions(cells, values, pixels.rows, pixels.cols, suggest.count, suggest.spacing)
             write_suggestions(
                 suggest.out,
                 suggestions,

@@ -8,7 +8,8 @@ pretrains a baseline and trains ProtoNet, MAML, Reptile and ANIL from it, evalua
 candidate (each run by its own adaptation and with a closed-form head, random init, the
 per-pixel classifier) on the same held-out scene episodes, with each method's cost, and adapts to
 the new scene from its few labelled points: every candidate is cross-validated on those labels,
-the best maps the scene, and the report says how good it is.
+the best maps the scene, and the report says how good it is; the map's confidence and 5 points
+to label next come with it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import rasterio
 
 from geo.classes import IGNORE_INDEX
 from geo.sample_data import write_scene, write_sen12ms
-from pipeline.adapt import adapt
+from pipeline.adapt import SuggestConfig, adapt
 from pipeline.evaluate import EvaluateConfig, evaluate, margins
 from pipeline.ingest import ingest
 from pipeline.protocol import EpisodeShape, load_split_index
@@ -121,6 +122,8 @@ def main(out: Path) -> None:
         compare=[runs[name] for name in COMPARED_WITH],
         vector=maps / "map.gpkg",
         probabilities=maps / "map-probabilities.tif",
+        confidence=maps / "confidence.tif",
+        suggest=SuggestConfig(count=5, out=maps / "next.gpkg"),
     )
     assert adapted.report is not None
     for candidate in adapted.report.content["candidates"]:
@@ -137,6 +140,10 @@ def main(out: Path) -> None:
         f"the truth raster {accuracy:.3f}; report {adapted.report.markdown}"
     )
     say(f"open {maps / 'map.tif'} in QGIS: its style {maps / 'map.qml'} names and colours the classes")
+    say(
+        f"  {maps / 'confidence.tif'} shows where the map is unsure; {maps / 'next.gpkg'} holds "
+        f"{len(adapted.suggestions or ())} points to label next (README: the labelling loop)"
+    )
     say(f"done in {time.perf_counter() - started:.0f} s")
 
 
