@@ -54,10 +54,10 @@ scene's edge or beside nodata would otherwise stand for a few pixels."""
 MAX_CELLS = 1 << 22
 """Cells are made larger than `spacing / 2` where a scene would need more (21 bytes each)."""
 
-MAX_KINDS = 256
+MAX_KINDS = 64
 """The most clusters of ground (KMeans' k), however many labels there are."""
 
-FIT_SAMPLE = 100_000
+FIT_SAMPLE = 20_000
 """KMeans is fitted on at most this many cells (drawn with a fixed seed), then assigns them all."""
 
 
