@@ -33,7 +33,7 @@ from flows import steps
 from flows.caching import FileInputs, fingerprint
 from flows.flows import end_to_end
 from geo.errors import DataError
-from pipeline.config import FlowConfig, load_config
+from pipeline.config import FlowConfig, beside, load_config, suggest_settings
 from pipeline.report import write_report
 from tests.conftest_prefect import task_states
 
@@ -71,6 +71,21 @@ def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert config.adapt_run == "fast-seed0"
     assert config.adapt is not None
     assert config.layout.prediction(config.adapt.scenes[1]) == config.output / "maps" / "two.tif"
+    assert config.adapt.extras == () and suggest_settings(config) is None  # no extra file unless asked
+
+
+def test_the_adapt_step_writes_the_files_the_yaml_asks_for_beside_every_map(tmp_path: Path) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text("output: out\nadapt: {confidence: true, vector: true, suggest: 4, suggest_spacing: 20}\n")
+    config = load_config(path)
+    assert config.adapt is not None and config.adapt.extras == ("confidence", "vector")
+    adapted = config.layout.adapted_map
+    assert beside(adapted, config.adapt.extras) == {
+        "confidence": adapted.with_name("map.confidence.tif"),
+        "vector": adapted.with_name("map.gpkg"),
+    }
+    suggestions = tmp_path / "out" / "adapt" / "suggestions.gpkg"
+    assert suggest_settings(config) == {"count": 4, "out": suggestions, "spacing": 20}
 
 
 @pytest.mark.parametrize(
