@@ -51,8 +51,9 @@ MIN_DATA_SHARE = 0.5
 """A cell is a candidate only when at least this share of its pixels has data: a cell on the
 scene's edge or beside nodata would otherwise stand for a few pixels."""
 
-MAX_CELLS = 1 << 22
-"""Cells are made larger than `spacing / 2` where a scene would need more (21 bytes each)."""
+MAX_CELLS = 1 << 20
+"""Cells are made larger than `spacing / 2` where a scene would need more: each costs 17 bytes,
+and 4 per band for `centre_values`."""
 
 MAX_KINDS = 64
 """The most clusters of ground (KMeans' k), however many labels there are."""
@@ -121,9 +122,9 @@ def cell_size(grid: Grid, spacing: float) -> int:
 
 
 def centre_values(image: str | Path, bands: Sequence[int], cells: ConfidenceCells) -> np.ndarray:
-    """(cell rows, cell cols, C) float64: the bands `bands` (1-based) at each cell's centre pixel,
+    """(cell rows, cell cols, C) float32: the bands `bands` (1-based) at each cell's centre pixel,
     NaN where it has no data; one scene row read per row of cells."""
-    values = np.full((*cells.shape, len(bands)), np.nan)
+    values = np.full((*cells.shape, len(bands)), np.nan, np.float32)
     with rasterio.open(image) as src:
         for cell_row, row in enumerate(cells.centre_rows.tolist()):
             pixels, valid = read_valid(src, Window(0, row, src.width, 1), bands)
@@ -209,6 +210,7 @@ def pick_suggestions(
 def _kinds(values: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
     """KMeans clusters of the rows of `values` (z-scored per column; `wanted` clusters, within
     1..`MAX_KINDS` and the rows): each row's cluster, and its distance to the cluster's centre."""
+    values = values.astype(np.float64)
     scaled = (values - values.mean(axis=0)) / np.maximum(values.std(axis=0), 1e-12)
     k = max(1, min(len(scaled), wanted, MAX_KINDS))
     sample = scaled
