@@ -165,6 +165,11 @@ def adapt_pixel(scene: SceneFiles, labels: Path, out: Path, *more: str | Path | 
     )
 
 
+def suggest(count: int, out: Path, spacing: int) -> list[str | Path | int]:
+    """The `adapt` options asking for `count` points `spacing` px apart, written to `out`."""
+    return ["--suggest", count, "--suggest-out", out, "--suggest-spacing", spacing]
+
+
 def scene_pixels(points: gpd.GeoDataFrame, image: Path) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of the scene pixels under `points`."""
     with rasterio.open(image) as src:
@@ -188,12 +193,7 @@ def suggested(scene_files: SceneFiles, tmp_path_factory: pytest.TempPathFactory)
         folder / "map.tif",
         "--confidence",
         folder / "confidence.tif",
-        "--suggest",
-        5,
-        "--suggest-out",
-        folder / "next.gpkg",
-        "--suggest-spacing",
-        SPACING,
+        *suggest(5, folder / "next.gpkg", SPACING),
     )
     assert result.exit_code == 0, result.output
     assert f"suggested 5 points to label next: {folder / 'next.gpkg'}" in result.output
@@ -244,12 +244,7 @@ def test_the_filled_suggestions_merged_into_the_labels_are_accepted_by_the_next_
         tmp_path / "map1.tif",
         "--class-column",
         "landcover",
-        "--suggest",
-        5,
-        "--suggest-out",
-        tmp_path / "next1.gpkg",
-        "--suggest-spacing",
-        SPACING,
+        *suggest(5, tmp_path / "next1.gpkg", SPACING),
     )
     assert first.exit_code == 0, first.output
     assert f"adapted on {len(labels)} labelled pixels" in first.output
@@ -265,12 +260,7 @@ def test_the_filled_suggestions_merged_into_the_labels_are_accepted_by_the_next_
         tmp_path / "map2.tif",
         "--class-column",
         "landcover",
-        "--suggest",
-        5,
-        "--suggest-out",
-        tmp_path / "next2.gpkg",
-        "--suggest-spacing",
-        SPACING,
+        *suggest(5, tmp_path / "next2.gpkg", SPACING),
     )
     assert second.exit_code == 0, second.output
     assert f"adapted on {len(labels) + 5} labelled pixels" in second.output
@@ -314,12 +304,7 @@ def test_a_spacing_too_large_writes_the_points_that_fit_and_says_so(
         scene_files,
         scene_files.labels,
         tmp_path / "map.tif",
-        "--suggest",
-        5,
-        "--suggest-out",
-        tmp_path / "next.gpkg",
-        "--suggest-spacing",
-        spacing,
+        *suggest(5, tmp_path / "next.gpkg", spacing),
     )
     assert result.exit_code == 0, result.output
     points = gpd.read_file(tmp_path / "next.gpkg")  # the layer is written, with the points that fit
